@@ -1,0 +1,117 @@
+"""`StreamConfig`: every knob of the Stream estimator, validated once, with errors that name the fix.
+
+The defaults follow `stream-spec.md`: k = 8 selected key blocks per query block, 64-token blocks,
+one attention-sink block and one local (diagonal) block forced on top of the k selected,
+branches split over each row's own causal range, scored by the maximum q.k against the centre
+block of each branch.
+
+>>> StreamConfig(k=4, block_size=32).block_k
+32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+PARTITIONS = ("row", "global")
+REPRESENTATIVES = ("block", "token")
+SCORES = ("max", "logsumexp")
+HEAD_SHARING = ("head", "kv_group")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How many key blocks each query block keeps, and how Stream picks them.
+
+    Args:
+        k: key blocks selected per query block (the paper's "sparsity constant"), on top of the
+            forced sink and local blocks.
+        block_size: tokens per block, for queries and keys unless `block_q` / `block_k` are given.
+        block_q: tokens per query block (defaults to `block_size`).
+        block_k: tokens per key block (defaults to `block_size`).
+        sinks: leading key blocks always kept (attention sinks); 0 turns them off.
+        local: trailing causal key blocks always kept (the diagonal); 0 turns them off.
+        partition: "row" splits each row's own causal range into k branches (HiP, every row
+            keeps exactly min(k, available) blocks); "global" splits the whole key axis the same
+            way for every row (the paper's Figure 1), clipped by causality.
+        representative: what scores a branch: "block" = its whole centre key block,
+            "token" = the centre block's middle token only (cheapest).
+        score: how a branch's q.k values are reduced: "max" (HiP, the paper) or "logsumexp"
+            of the scaled scores (closer to the attention mass the branch would receive).
+        query_stride: score with every s-th query of a block (HiP uses 2); 1 uses all.
+        beam: branches kept per halving round before the last (default k); the last round
+            always keeps k. A wider beam recovers blocks the narrow search misses.
+        head_sharing: "head" = one mask per query head (the paper); "kv_group" = one mask per
+            key/value head, scores summed over its query-head group.
+    """
+
+    k: int = 8
+    block_size: int = 64
+    block_q: int | None = None
+    block_k: int | None = None
+    sinks: int = 1
+    local: int = 1
+    partition: str = "row"
+    representative: str = "block"
+    score: str = "max"
+    query_stride: int = 1
+    beam: int | None = None
+    head_sharing: str = "head"
+
+    def __post_init__(self) -> None:
+        if self.block_q is None:
+            object.__setattr__(self, "block_q", self.block_size)
+        if self.block_k is None:
+            object.__setattr__(self, "block_k", self.block_size)
+        if self.beam is None:
+            object.__setattr__(self, "beam", self.k)
+        _check_int("k", self.k, 1, "k is the number of key blocks kept per query block; use k >= 1")
+        for name in ("block_size", "block_q", "block_k"):
+            _check_int(name, getattr(self, name), 1, f"{name} is in tokens; use a positive size such as 64")
+        _check_int("sinks", self.sinks, 0, "sinks counts leading key blocks; use 0 to turn them off")
+        _check_int("local", self.local, 0, "local counts diagonal key blocks; use 0 to turn them off")
+        _check_int("query_stride", self.query_stride, 1, "use query_stride >= 1 (1 scores with every query)")
+        if self.query_stride > self.block_q:
+            raise ConfigError(
+                f"query_stride={self.query_stride} is larger than block_q={self.block_q}; "
+                f"use a stride of at most block_q"
+            )
+        _check_int("beam", self.beam, 1, "beam counts branches kept per round; use beam >= k")
+        if self.beam < self.k:
+            raise ConfigError(f"beam={self.beam} is smaller than k={self.k}; use beam >= k (or leave it unset)")
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("representative", self.representative, REPRESENTATIVES)
+        _check_choice("score", self.score, SCORES)
+        _check_choice("head_sharing", self.head_sharing, HEAD_SHARING)
+
+    @property
+    def kept_per_row(self) -> int:
+        """Upper bound on kept key blocks per query block: sinks + k + local."""
+        return self.sinks + self.k + self.local
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> StreamConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown StreamConfig field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**values)
+
+
+def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}; {fix}")
+    if value < minimum:
+        raise ConfigError(f"{name}={value} is out of range; {fix}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
