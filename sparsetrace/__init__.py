@@ -1,5 +1,12 @@
-"""sparsetrace: per-head sparse attention traces of long-context language models."""
+"""sparsetrace: per-head sparse attention traces of long-context language models.
 
+>>> import sparsetrace as st                                        # doctest: +SKIP
+>>> model, tokenizer = st.load_model()                              # doctest: +SKIP
+>>> tr = st.trace(model, tokenizer, text, st.StreamConfig(k=8))     # doctest: +SKIP
+>>> tr.save("run.sptrace"); st.load_trace("run.sptrace").stats()    # doctest: +SKIP
+"""
+
+from .block_attention import block_sparse_attention
 from .config import StreamConfig
 from .errors import (
     ConfigError,
@@ -9,6 +16,10 @@ from .errors import (
     TraceFileError,
     UnsupportedModelError,
 )
+from .models import describe_model, load_model
+from .stream import Selection, select_blocks
+from .trace import Trace, load_trace
+from .tracer import trace
 
 __version__ = "0.1.0"
 
@@ -16,9 +27,17 @@ __all__ = [
     "ConfigError",
     "InputError",
     "MemoryRequestError",
+    "Selection",
     "SparsetraceError",
     "StreamConfig",
+    "Trace",
     "TraceFileError",
     "UnsupportedModelError",
     "__version__",
+    "block_sparse_attention",
+    "describe_model",
+    "load_model",
+    "load_trace",
+    "select_blocks",
+    "trace",
 ]

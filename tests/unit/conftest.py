@@ -1,0 +1,24 @@
+"""Shared fixtures for the unit tests: a tiny fast tokenizer that needs no download."""
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+TINY_VOCAB_SIZE = 257  # 256 byte tokens + <|endoftext|>; tiny models use a vocab of at least this
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: one token per UTF-8 byte, any text, real offset mapping.
+
+    Token id 256 (<|endoftext|>) is bos, eos and pad.
+    """
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    special = "<|endoftext|>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=special, eos_token=special, pad_token=special
+    )

@@ -1,0 +1,185 @@
+"""The Stream estimator: against a plain per-row reimplementation, and its properties."""
+
+import math
+
+import pytest
+import torch
+
+from sparsetrace.blocks import row_key_range
+from sparsetrace.config import StreamConfig
+from sparsetrace.errors import InputError
+from sparsetrace.stream import select_blocks
+
+
+def reference_select(q, k, cfg, window=None, scaling=None):
+    """One row at a time, with Python lists: the algorithm of stream-spec.md written out."""
+    batch, heads, tokens, dim = q.shape
+    group = heads // k.shape[1]
+    scaling = dim**-0.5 if scaling is None else scaling
+    n_q, n_k = math.ceil(tokens / cfg.block_q), math.ceil(tokens / cfg.block_k)
+    out = torch.full((batch, heads, n_q, cfg.kept_per_row), -1, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(n_q):
+                queries = list(range(i * cfg.block_q, min((i + 1) * cfg.block_q, tokens)))[:: cfg.query_stride]
+                last = (min((i + 1) * cfg.block_q, tokens) - 1) // cfg.block_k
+                first = 0 if window is None else max(0, i * cfg.block_q - window + 1) // cfg.block_k
+
+                def score(block, b=b, h=h, queries=queries, first=first):
+                    if cfg.representative == "block":
+                        keys = range(block * cfg.block_k, min((block + 1) * cfg.block_k, tokens))
+                    else:
+                        keys = [min(block * cfg.block_k + (cfg.block_k - 1) // 2, tokens - 1)]
+                    values = [
+                        float(q[b, h, t] @ k[b, h // group, s])
+                        for t in queries
+                        for s in keys
+                        if s <= t and (window is None or s > t - window)
+                    ]
+                    if not values:
+                        return -1e30
+                    if cfg.score == "max":
+                        return max(values)
+                    return float(torch.logsumexp(torch.tensor(values, dtype=torch.float64) * scaling, 0))
+
+                lo, hi = max(first, cfg.sinks), last - cfg.local
+                n = max(hi - lo + 1, 0)
+                if cfg.partition == "row":
+                    bounds = [lo + j * n // cfg.k for j in range(cfg.k + 1)]
+                    branches = [(bounds[j], bounds[j + 1] - bounds[j]) for j in range(cfg.k)]
+                else:
+                    axis = n_k - cfg.sinks
+                    bounds = [cfg.sinks + j * axis // cfg.k for j in range(cfg.k + 1)]
+                    branches = []
+                    for j in range(cfg.k):
+                        s, e = max(bounds[j], lo), min(bounds[j + 1], hi + 1)
+                        branches.append((s, max(e - s, 0)))
+                rounds_needed = max(
+                    math.ceil(math.log2(w)) if w > 1 else 0
+                    for w in [_widest(tokens, cfg, window)]
+                )
+                for r in range(rounds_needed):
+                    children = []
+                    for s, w in branches:
+                        half = (w + 1) // 2
+                        children += [(s, half), (s + half, w - half)]
+                    scored = [
+                        (-(score(s + (w - 1) // 2)) if w > 0 else math.inf, s if w > 0 else math.inf, s, w)
+                        for s, w in children
+                    ]
+                    keep = cfg.k if r == rounds_needed - 1 else cfg.beam
+                    kept = sorted(scored)[:keep]
+                    branches = sorted(((s, w) for _, _, s, w in kept), key=lambda x: (x[1] == 0, x[0]))
+                chosen = {s for s, w in branches if w == 1}
+                chosen |= {j for j in range(cfg.sinks) if first <= j <= last}
+                chosen |= {j for j in range(last - cfg.local + 1, last + 1) if j >= max(first, cfg.sinks)}
+                row = sorted(chosen)
+                out[b, h, i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+    return out
+
+
+def _widest(tokens, cfg, window):
+    """Widest initial branch over all rows (what fixes the round count)."""
+    first, last = row_key_range(tokens, cfg.block_q, cfg.block_k, window)
+    lo = torch.clamp(first, min=cfg.sinks)
+    n = torch.clamp(last - cfg.local - lo + 1, min=0)
+    if cfg.partition == "row":
+        return int(max(-(-n // cfg.k)).item()) if n.numel() else 0
+    axis = math.ceil(tokens / cfg.block_k) - cfg.sinks
+    widths = []
+    bounds = [cfg.sinks + j * axis // cfg.k for j in range(cfg.k + 1)]
+    for i in range(len(lo)):
+        for j in range(cfg.k):
+            widths.append(max(min(bounds[j + 1], int(last[i]) - cfg.local + 1) - max(bounds[j], int(lo[i])), 0))
+    return max(widths)
+
+
+CONFIGS = [
+    StreamConfig(k=3, block_size=8),
+    StreamConfig(k=2, block_size=8, sinks=0, local=0),
+    StreamConfig(k=3, block_size=8, partition="global"),
+    StreamConfig(k=2, block_q=16, block_k=8, query_stride=4, score="logsumexp", beam=5),
+    StreamConfig(k=4, block_q=8, block_k=16, sinks=2, local=2, representative="token"),
+    StreamConfig(k=1, block_size=8, sinks=0, local=1),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=range(len(CONFIGS)))
+@pytest.mark.parametrize("window", [None, 37])
+def test_matches_plain_reference(cfg, window):
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 4, 101, 8, dtype=torch.float64), torch.randn(1, 2, 101, 8, dtype=torch.float64)
+    got = select_blocks(q, k, cfg, sliding_window=window).indices
+    assert torch.equal(got, reference_select(q, k, cfg, window))
+
+
+def _rows(indices):
+    for row in indices.reshape(-1, indices.shape[-1]).tolist():
+        yield [j for j in row if j >= 0], row
+
+
+@pytest.mark.parametrize("partition", ["row", "global"])
+@pytest.mark.parametrize("window", [None, 100])
+@pytest.mark.parametrize("tokens", [1, 63, 64, 65, 500])
+def test_properties(partition, window, tokens):
+    cfg = StreamConfig(k=4, block_size=16, sinks=1, local=1, partition=partition)
+    torch.manual_seed(tokens)
+    q, k = torch.randn(2, 6, tokens, 8), torch.randn(2, 3, tokens, 8)
+    sel = select_blocks(q, k, cfg, sliding_window=window)
+    n_q = math.ceil(tokens / 16)
+    assert sel.indices.shape == (2, 6, n_q, cfg.kept_per_row) and sel.indices.dtype == torch.int32
+    first, last = row_key_range(tokens, 16, 16, window)
+    for b in range(2):
+        for h in range(6):
+            for i in range(n_q):
+                row = sel.indices[b, h, i].tolist()
+                kept = [j for j in row if j >= 0]
+                assert row == kept + [-1] * (len(row) - len(kept)), "padding only at the end"
+                assert kept == sorted(set(kept)), "ascending and distinct"
+                lo, hi = int(first[i]), int(last[i])
+                assert all(lo <= j <= hi for j in kept), "causal and inside the window"
+                assert hi in kept, "the local block is always kept"
+                if lo == 0:
+                    assert 0 in kept, "the sink block is always kept when visible"
+                searchable = max(hi - 1 - max(lo, 1) + 1, 0)
+                forced = len({j for j in (0, hi) if lo <= j})
+                assert len(kept) == forced + min(cfg.k, searchable), "exactly min(k, available) selected"
+
+
+def test_full_k_keeps_every_visible_block():
+    q, k = torch.randn(1, 2, 130, 8), torch.randn(1, 1, 130, 8)
+    sel = select_blocks(q, k, StreamConfig(k=50, block_size=16), sliding_window=40)
+    first, last = row_key_range(130, 16, 16, 40)
+    for i in range(sel.indices.shape[2]):
+        kept = [j for j in sel.indices[0, 0, i].tolist() if j >= 0]
+        assert kept == list(range(int(first[i]), int(last[i]) + 1))
+
+
+def test_ties_go_to_the_lower_index():
+    q, k = torch.zeros(1, 1, 256, 4), torch.randn(1, 1, 256, 4)  # every score is 0
+    sel = select_blocks(q, k, StreamConfig(k=3, block_size=16, sinks=0, local=0))
+    assert sel.indices[0, 0, -1].tolist() == [0, 1, 2]
+
+
+def test_kv_group_sharing_gives_one_mask_per_group():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 6, 200, 8), torch.randn(1, 2, 200, 8)
+    idx = select_blocks(q, k, StreamConfig(k=2, block_size=16, head_sharing="kv_group")).indices
+    assert torch.equal(idx[:, 0], idx[:, 1]) and torch.equal(idx[:, 0], idx[:, 2])
+    assert torch.equal(idx[:, 3], idx[:, 5])
+    assert not torch.equal(idx[:, 0], idx[:, 3])
+
+
+def test_compiled_equals_eager():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16)
+    cfg = StreamConfig(k=3, block_size=16, score="logsumexp", query_stride=2)
+    eager = select_blocks(q, k, cfg, sliding_window=120)
+    compiled = torch.compile(select_blocks)(q, k, cfg, sliding_window=120)
+    assert torch.equal(eager.indices, compiled.indices)
+    torch.testing.assert_close(eager.scores, compiled.scores, equal_nan=True)
+
+
+def test_mismatched_shapes_are_refused():
+    with pytest.raises(InputError, match="do not match"):
+        select_blocks(torch.randn(1, 4, 10, 8), torch.randn(1, 3, 10, 8), StreamConfig())
