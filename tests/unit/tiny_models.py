@@ -21,7 +21,7 @@ from transformers import (
 WINDOW = 40  # tokens; tests use inputs several windows long
 
 _COMMON = dict(
-    vocab_size=97,
+    vocab_size=260,  # covers the tiny byte-level tokenizer (257 tokens)
     hidden_size=64,
     intermediate_size=96,
     num_hidden_layers=3,
