@@ -8,6 +8,7 @@ import torch
 from sparsetrace.blocks import row_key_range
 from sparsetrace.config import StreamConfig
 from sparsetrace.errors import InputError
+from sparsetrace import stream
 from sparsetrace.stream import select_blocks
 
 
@@ -96,6 +97,7 @@ def _widest(tokens, cfg, window):
 
 CONFIGS = [
     StreamConfig(k=3, block_size=8),
+    StreamConfig(k=3, block_size=8, score="max", beam=3, query_stride=1),  # the paper's estimator
     StreamConfig(k=2, block_size=8, sinks=0, local=0),
     StreamConfig(k=3, block_size=8, partition="global"),
     StreamConfig(k=2, block_q=16, block_k=8, query_stride=4, score="logsumexp", beam=5),
@@ -106,7 +108,10 @@ CONFIGS = [
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=range(len(CONFIGS)))
 @pytest.mark.parametrize("window", [None, 37])
-def test_matches_plain_reference(cfg, window):
+@pytest.mark.parametrize("one_row_chunks", [False, True])
+def test_matches_plain_reference(cfg, window, one_row_chunks, monkeypatch):
+    if one_row_chunks:  # exercises the unmasked fast path on rows whose searched keys are all in the past
+        monkeypatch.setattr(stream, "_CHUNK_ELEMENTS", 1)
     torch.manual_seed(1)
     q, k = torch.randn(1, 4, 101, 8, dtype=torch.float64), torch.randn(1, 2, 101, 8, dtype=torch.float64)
     got = select_blocks(q, k, cfg, sliding_window=window).indices
