@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from sparsetrace import stream
 from sparsetrace.blocks import row_key_range
 from sparsetrace.config import StreamConfig
 from sparsetrace.errors import InputError
-from sparsetrace import stream
 from sparsetrace.stream import select_blocks
 
 
