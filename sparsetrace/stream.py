@@ -128,7 +128,7 @@ def select_blocks(
     selected = torch.where(width == 1, start, -1)
     if rounds == 0:
         score = torch.full_like(score, float("nan"))
-    return _with_forced_blocks(selected, score, first, last, n_k, config)
+    return with_forced_blocks(selected, score, first, last, n_k, config)
 
 
 def _initial_branches(lo: Tensor, hi: Tensor, n_k: int, config: StreamConfig) -> tuple[Tensor, Tensor]:
@@ -258,10 +258,15 @@ def _score_children(
     return torch.where(child_width > 0, score, float("-inf"))
 
 
-def _with_forced_blocks(
+def with_forced_blocks(
     selected: Tensor, score: Tensor, first: Tensor, last: Tensor, n_k: int, config: StreamConfig
 ) -> Selection:
-    """Step 4: add sink and local blocks, sort each row, pad with -1."""
+    """Step 4: add sink and local blocks to the selected ones, sort each row, pad with -1.
+
+    Args:
+        selected: int [B, H, n_q, k] (-1 = none); score: float [B, H, n_q, k];
+        first, last: int [n_q] each row's visible key blocks (`row_key_range`).
+    """
     batch, heads, n_q, _ = selected.shape
     sinks = torch.arange(config.sinks, device=first.device).expand(n_q, -1)
     sinks = torch.where((sinks >= first[:, None]) & (sinks <= last[:, None]), sinks, -1)

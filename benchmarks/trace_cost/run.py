@@ -53,15 +53,20 @@ def _status_bytes(key: str) -> int:
 def measure_memory(mode: str, tokens: int) -> None:
     """Child process: one run, print its peak RSS above the loaded model (bytes) as JSON."""
     from sparsetrace import StreamConfig, load_model
+    from sparsetrace.tracer import estimate_memory
 
     model, tokenizer = load_model()
     ids = _ids(tokenizer, tokens)
+    run = (lambda x: _dense(model, x)) if mode == "dense" else (lambda x: _trace(model, tokenizer, x, StreamConfig()))
+    run(ids[:128])  # one-time setup is not what we measure
     with open("/proc/self/clear_refs", "w") as clear:  # reset the peak (VmHWM) to the current RSS
         clear.write("5")
     base = _status_bytes("VmRSS")
-    _dense(model, ids) if mode == "dense" else _trace(model, tokenizer, ids, StreamConfig())
+    run(ids)
     peak = _status_bytes("VmHWM")
-    print(json.dumps({"peak_rss": peak, "base_rss": base, "peak_above_model": max(peak - base, 0)}))
+    estimate = estimate_memory(model, tokens, StreamConfig())
+    print(json.dumps({"peak_rss": peak, "base_rss": base, "peak_above_model": max(peak - base, 0),
+                      "precheck_estimate": estimate}))
 
 
 def measure_time(tokens: int, runs: int) -> dict:
@@ -88,7 +93,11 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--memory-child", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG from results.json")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads((HERE / "results.json").read_text()))
+        return
     if args.memory_child:
         measure_memory(args.memory_child[0], int(args.memory_child[1]))
         return
@@ -119,6 +128,7 @@ def main() -> None:
 
 def plot(result: dict) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -138,6 +148,7 @@ def plot(result: dict) -> None:
                title="Peak memory (RSS)")
     for ax in (ax_time, ax_mem):
         ax.set_xticks(tokens, [f"{t // 1024}k" for t in tokens])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.suptitle(f"{result['model']}, {result['machine']['cpus']} CPU threads")

