@@ -17,6 +17,7 @@ inside the block computation from the `sliding_window` keyword each layer passes
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -29,19 +30,44 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .block_attention import block_sparse_attention
 from .config import StreamConfig
+from .dense import dense_block_mass
 from .errors import InputError, UnsupportedModelError
 from .models import check_config_supported
 from .stream import Selection, select_blocks
 
 ATTENTION_NAME = "sparsetrace"
 
-LayerCallback = Callable[[int, Selection, Tensor], None]
+FORWARDS = ("sparse", "dense")
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What one attention layer reports during a traced forward pass.
+
+    Attributes:
+        layer: the layer index.
+        selection: the kept blocks Stream chose from this layer's q and k.
+        mass: float32 [B, H, n_q, K] attention mass of each kept block: renormalised over the kept
+            blocks (forward="sparse", rows sum to 1) or under the model's full attention
+            (forward="dense", rows sum to the recall).
+        block_mass: float32 [B, H, n_q, n_k], the dense mass of every block (forward="dense" only).
+    """
+
+    layer: int
+    selection: Selection
+    mass: Tensor
+    block_mass: Tensor | None = None
+
+
+LayerCallback = Callable[[LayerRecord], None]
 
 
 @dataclass
 class _Run:
     config: StreamConfig
     on_layer: LayerCallback
+    forward: str
+    original: str  # the model's own attention implementation
 
 
 _ACTIVE: ContextVar[_Run | None] = ContextVar("sparsetrace_run", default=None)
@@ -73,19 +99,41 @@ def stream_attention_forward(
     if s_aux is not None:
         raise UnsupportedModelError("this model uses learned attention sinks (s_aux, e.g. gpt-oss), "
                                     "which sparsetrace does not support yet; use a model without them")
-    if attention_mask is not None or query.shape[2] != key.shape[2]:
+    if query.shape[2] != key.shape[2] or (attention_mask is not None and run.forward == "sparse"):
         raise UnsupportedModelError("sparsetrace traces one plain causal forward pass without a KV cache; "
                                     "call the model with use_cache=False and no attention mask")
     if dropout:
         raise UnsupportedModelError("attention dropout is active; call model.eval() before tracing")
-    selection = select_blocks(query, key, run.config, scaling=scaling, sliding_window=sliding_window)
-    out, mass = block_sparse_attention(
-        query, key, value, selection.indices,
-        block_q=run.config.block_q, block_k=run.config.block_k,
-        scaling=scaling, sliding_window=sliding_window, softcap=softcap,
+    config = run.config
+    selection = select_blocks(query, key, config, scaling=scaling, sliding_window=sliding_window)
+    if run.forward == "sparse":
+        out, mass = block_sparse_attention(
+            query, key, value, selection.indices, block_q=config.block_q, block_k=config.block_k,
+            scaling=scaling, sliding_window=sliding_window, softcap=softcap,
+        )
+        run.on_layer(LayerRecord(module.layer_idx, selection, mass))
+        return out.transpose(1, 2).contiguous(), None
+    # forward="dense": the model's own attention computes the output; we only measure.
+    block_mass = dense_block_mass(query, key, block_q=config.block_q, block_k=config.block_k, scaling=scaling,
+                                  sliding_window=sliding_window, softcap=softcap)
+    kept = selection.indices.long()
+    mass = block_mass.gather(-1, kept.clamp(min=0)) * (kept >= 0)
+    run.on_layer(LayerRecord(module.layer_idx, selection, mass, block_mass))
+    return _model_attention(module, run.original)(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        sliding_window=sliding_window, softcap=softcap, **kwargs,
     )
-    run.on_layer(module.layer_idx, selection, mass)
-    return out.transpose(1, 2).contiguous(), None
+
+
+def _model_attention(module: torch.nn.Module, name: str) -> Callable:
+    """The attention function the model itself would call (transformers' dispatch rule)."""
+    if name == "eager":
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise UnsupportedModelError(f"{type(module).__name__} has no eager attention function; "
+                                        "load the model with attn_implementation='sdpa'")
+        return eager
+    return AttentionInterface._global_mapping[name]
 
 
 def plain_causal_mask(
@@ -97,8 +145,9 @@ def plain_causal_mask(
     attention_mask: Tensor | None = None,
     allow_is_causal_skip: bool = True,
     **kwargs,
-) -> None:
-    """Mask function registered as "sparsetrace": accept plain causal text only, build nothing."""
+) -> Tensor | None:
+    """Mask function registered as "sparsetrace": accept plain causal text only; build nothing
+    (forward="sparse") or the model's own mask (forward="dense")."""
     if attention_mask is not None and not bool(attention_mask.all()):
         raise InputError("padded batches are not supported; trace one text at a time (batch size 1, no padding)")
     if q_offset or kv_offset or q_length != kv_length:
@@ -107,6 +156,12 @@ def plain_causal_mask(
         raise UnsupportedModelError(
             "this model asks for a non-causal attention pattern (packed sequences, image tokens or "
             "bidirectional spans); sparsetrace traces plain causal text"
+        )
+    run = _ACTIVE.get()
+    if run is not None and run.forward == "dense":  # the model's own attention needs its own mask
+        return AttentionMaskInterface._global_mapping[run.original](
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+            attention_mask=attention_mask, allow_is_causal_skip=allow_is_causal_skip, **kwargs,
         )
     return None
 
@@ -133,14 +188,23 @@ def check_supported(model: PreTrainedModel) -> None:
 
 
 @contextmanager
-def sparse_attention(model: PreTrainedModel, config: StreamConfig, on_layer: LayerCallback) -> Iterator[None]:
+def sparse_attention(
+    model: PreTrainedModel, config: StreamConfig, on_layer: LayerCallback, forward: str = "sparse"
+) -> Iterator[None]:
     """Run `model` on Stream sparse attention inside the block; restore its attention after.
 
-    `on_layer(layer_idx, selection, mass)` is called once per attention layer per forward pass.
+    `on_layer(record)` receives a `LayerRecord` once per attention layer per forward pass. With
+    forward="dense" the blocks are still selected and measured, but the model keeps its own
+    dense attention output (so the selection is measured on the unmodified model's q and k).
     """
+    if forward not in FORWARDS:
+        raise InputError(f"forward={forward!r}; use 'sparse' (the model runs on the kept blocks) or 'dense'")
     check_supported(model)
     previous = model.config._attn_implementation
-    token = _ACTIVE.set(_Run(config, on_layer))
+    if forward == "dense" and previous not in AttentionMaskInterface._global_mapping:
+        raise UnsupportedModelError(f"forward='dense' needs one of transformers' own attention implementations, "
+                                    f"not {previous!r}; load the model with attn_implementation='sdpa'")
+    token = _ACTIVE.set(_Run(config, on_layer, forward, previous))
     try:
         model.set_attn_implementation(ATTENTION_NAME)
         if model.config._attn_implementation != ATTENTION_NAME:

@@ -18,12 +18,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .backend import sparse_attention
+from .backend import LayerCallback, LayerRecord, sparse_attention
 from .blocks import num_blocks
 from .config import StreamConfig
 from .errors import InputError, MemoryRequestError, UnsupportedModelError
 from .models import describe_model
-from .stream import Selection
 from .trace import Trace
 
 # Inputs at least this long get a progress bar over layers by default.
@@ -37,6 +36,7 @@ def trace(
     config: StreamConfig | None = None,
     *,
     input_ids: Tensor | list[int] | None = None,
+    forward: str = "sparse",
     max_tokens: int | None = None,
     allow_long: bool = False,
     progress: bool | None = None,
@@ -47,38 +47,83 @@ def trace(
         model, tokenizer: from `load_model()` (any Hugging Face causal LM).
         text: the input text; or give `input_ids` instead (int [T] or [1, T]).
         config: the estimator's settings (default `StreamConfig()`).
+        forward: "sparse" (default): every layer attends only to its kept blocks, later layers
+            see the sparse outputs. "dense": the model keeps its own dense attention and the
+            trace records the selection, with the dense attention mass of each kept block
+            (each row then sums to its recall).
         max_tokens: keep only the first `max_tokens` tokens.
         allow_long: trace past the model's trained context instead of refusing.
         progress: show a progress bar over layers (default: for inputs >= 2048 tokens).
     Returns:
-        the `Trace`: per layer the kept blocks and their masses, the token ids, the sparse
-        model's next-token logits.
+        the `Trace`: per layer the kept blocks and their masses, the token ids, the model's
+        next-token logits.
     """
     config = config or StreamConfig()
+    ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
+                        forward=forward)
+    return run_trace(model, tokenizer, ids, config, forward=forward, progress=progress)[0]
+
+
+def prepare_input(
+    model,
+    tokenizer,
+    text: str | None,
+    input_ids: Tensor | list[int] | None,
+    config: StreamConfig,
+    *,
+    max_tokens: int | None = None,
+    allow_long: bool = False,
+    forward: str = "sparse",
+) -> Tensor:
+    """The input as int64 [T], refused early when empty, too long or too big for free memory."""
     ids = _token_ids(tokenizer, text, input_ids)
     if max_tokens is not None:
         if max_tokens < 1:
             raise InputError(f"max_tokens={max_tokens}; use a positive number of tokens")
         ids = ids[:max_tokens]
-    info = describe_model(model)
-    _check_length(len(ids), info.get("max_positions"), allow_long)
-    check_memory(model, len(ids), config)
+    _check_length(len(ids), describe_model(model).get("max_positions"), allow_long)
+    check_memory(model, len(ids), config, forward=forward)
+    return ids
 
+
+def run_trace(
+    model,
+    tokenizer,
+    ids: Tensor,
+    config: StreamConfig,
+    *,
+    forward: str = "sparse",
+    logits_to_keep: int = 1,
+    progress: bool | None = None,
+    on_layer: LayerCallback | None = None,
+) -> tuple[Trace, Tensor]:
+    """One traced forward pass over checked token ids (see `prepare_input`).
+
+    Args:
+        ids: int64 [T].
+        logits_to_keep: how many final positions' logits to return.
+        on_layer: also called with every layer's `LayerRecord` (e.g. to keep dense block masses).
+    Returns:
+        the `Trace`, and float32 [logits_to_keep, vocab] logits of the last positions.
+    """
+    info = describe_model(model)
     num_layers = info["num_layers"]
     indices: list[Tensor | None] = [None] * num_layers
     masses: list[Tensor | None] = [None] * num_layers
     show = len(ids) >= PROGRESS_MIN_TOKENS if progress is None else progress
-    bar = tqdm(total=num_layers, desc=f"tracing {len(ids):,} tokens", unit="layer", disable=not show)
+    bar = tqdm(total=num_layers, desc=f"tracing {len(ids):,} tokens ({forward})", unit="layer", disable=not show)
 
-    def on_layer(layer: int, selection: Selection, mass: Tensor) -> None:
-        indices[layer] = selection.indices[0].to("cpu", torch.int32)
-        masses[layer] = mass[0].to("cpu", torch.float32)
+    def record(layer: LayerRecord) -> None:
+        indices[layer.layer] = layer.selection.indices[0].to("cpu", torch.int32)
+        masses[layer.layer] = layer.mass[0].to("cpu", torch.float32)
+        if on_layer is not None:
+            on_layer(layer)
         bar.update(1)
 
     device = model.get_input_embeddings().weight.device
     started = time.perf_counter()
-    with bar, sparse_attention(model, config, on_layer), torch.inference_mode():
-        output = model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)
+    with bar, sparse_attention(model, config, record, forward=forward), torch.inference_mode():
+        output = model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=logits_to_keep)
     seconds = time.perf_counter() - started
     missing = [layer for layer, x in enumerate(indices) if x is None]
     if missing:
@@ -86,15 +131,17 @@ def trace(
             f"{type(model).__name__}: attention layers {missing} never called the sparse attention, "
             "so the model is not fully traced; this architecture is not supported"
         )
-    return Trace(
+    logits = output.logits[0].float().cpu()
+    result = Trace(
         token_ids=ids,
         config=config,
         indices=indices,
         mass=masses,
         model_info=info | {"tokenizer": getattr(tokenizer, "name_or_path", None)},
-        next_token_logits=output.logits[0, -1].float().cpu(),
-        extra={"forward": "sparse", "seconds": round(seconds, 3)},
+        next_token_logits=logits[-1],
+        extra={"forward": forward, "seconds": round(seconds, 3)},
     )
+    return result, logits
 
 
 def _token_ids(tokenizer, text: str | None, input_ids: Tensor | list[int] | None) -> Tensor:
@@ -125,11 +172,13 @@ def _check_length(tokens: int, context: int | None, allow_long: bool) -> None:
         )
 
 
-def estimate_memory(model, tokens: int, config: StreamConfig) -> int:
+def estimate_memory(model, tokens: int, config: StreamConfig, forward: str = "sparse") -> int:
     """Bytes a trace of `tokens` tokens needs beyond the loaded weights (a deliberate over-estimate).
 
     Peak activations of one layer (hidden states, q/k/v, MLP intermediate), the estimator's and
-    block attention's bounded chunks, and the trace itself; nothing grows as T^2.
+    block attention's bounded chunks, and the trace itself; nothing grows as T^2 in a sparse
+    trace. A dense-forward trace adds the model's own attention mask (T^2 bytes on sliding-window
+    layers) and one layer's dense block masses.
     """
     text = model.config.get_text_config()
     hidden = text.hidden_size
@@ -140,7 +189,10 @@ def estimate_memory(model, tokens: int, config: StreamConfig) -> int:
     element = max(torch.finfo(p.dtype).bits // 8 for p in model.parameters() if p.is_floating_point())
     per_token = 8 * hidden + 4 * intermediate + 4 * (heads + 2 * kv_heads) * head_dim
     activations = tokens * per_token * element
-    stored = text.num_hidden_layers * heads * num_blocks(tokens, config.block_q) * config.kept_per_row * 8
+    n_q = num_blocks(tokens, config.block_q)
+    stored = text.num_hidden_layers * heads * n_q * config.kept_per_row * 8
+    if forward == "dense":
+        stored += tokens * tokens + 2 * heads * n_q * num_blocks(tokens, config.block_k) * 4
     return activations + stored + (512 << 20)
 
 
@@ -156,12 +208,12 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(model, tokens: int, config: StreamConfig) -> None:
+def check_memory(model, tokens: int, config: StreamConfig, forward: str = "sparse") -> None:
     """Refuse, before starting, a request the machine's free memory cannot hold."""
     device = model.get_input_embeddings().weight.device
     if device.type != "cpu":
         return
-    need, have = estimate_memory(model, tokens, config), available_memory()
+    need, have = estimate_memory(model, tokens, config, forward), available_memory()
     if need > have:
         raise MemoryRequestError(
             f"tracing {tokens:,} tokens needs about {need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB is "

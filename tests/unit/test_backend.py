@@ -14,9 +14,9 @@ TOKENS = 150  # several sliding windows long
 
 
 def _sparse_logits(model, ids, config, seen=None):
-    def on_layer(layer, selection, mass):
+    def on_layer(record):
         if seen is not None:
-            seen[layer] = selection
+            seen[record.layer] = record.selection
 
     with torch.no_grad(), sparse_attention(model, config, on_layer):
         return model(ids, use_cache=False).logits
@@ -65,7 +65,7 @@ def test_sparse_attention_changes_the_output():
 def test_attention_is_restored_after_an_error():
     model = tiny_model("llama", attn_implementation="sdpa")
 
-    def fail(layer, selection, mass):
+    def fail(record):
         raise KeyError("boom")
 
     with pytest.raises(KeyError), torch.no_grad(), sparse_attention(model, StreamConfig(), fail):
