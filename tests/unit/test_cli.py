@@ -90,3 +90,32 @@ def test_help_teaches_with_an_example(capsys, command):
         main([command, "--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "examples:" in out and f"sparsetrace {command}" in out
+
+
+def test_check_and_min_k(capsys, text_file, model_folder):
+    common = ["--model", model_folder, "--block-size", "16", "--no-progress"]
+    code, out, err = run(capsys, "check", text_file, *common, "--k", "2", "--json")
+    report = json.loads(out)
+    assert code == 0, err
+    assert len(report["recall"]) == 3 and all(r <= o + 1e-6 for r, o in zip(report["recall"],
+                                                                            report["oracle_recall"], strict=True))
+    assert isinstance(report["match"], bool) and len(report["continuation"]) == 2
+    code, out, _ = run(capsys, "check", text_file, *common, "--k", "2")
+    assert code == 0 and "behaviour" in out and "recall / oracle" in out
+
+    code, out, _ = run(capsys, "min-k", text_file, *common, "--n-match", "1", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["passed"][str(result["min_k"])] is True
+    code, out, _ = run(capsys, "min-k", text_file, *common, "--n-match", "1")
+    assert code == 0 and out.startswith("min k")
+
+
+def test_dense_forward_trace(capsys, tmp_path, text_file, model_folder):
+    out_path = tmp_path / "dense.sptrace"
+    code, _, err = run(capsys, "trace", text_file, "-o", str(out_path), "--model", model_folder, "--forward", "dense",
+                       "--k", "2", "--block-size", "16")
+    assert code == 0, err
+    tr = load_trace(out_path)
+    _, mass = tr.blocks(0)
+    assert tr.extra["forward"] == "dense" and float(mass.sum(-1).max()) <= 1 + 1e-5
+    assert float(mass.sum(-1).min()) < 0.999, "k = 2 keeps only part of the dense attention"

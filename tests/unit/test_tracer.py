@@ -91,3 +91,23 @@ def test_memory_estimate_grows_linearly(llama):
 def test_progress_bar_over_layers(llama, tiny_tokenizer, capsys):
     trace(llama, tiny_tokenizer, TEXT, StreamConfig(k=2, block_size=16), progress=True)
     assert "3/3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3"])
+def test_dense_forward_keeps_the_models_output(name, tiny_tokenizer):
+    model = tiny_model(name)
+    ids = tiny_tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        dense = model(ids).logits[0, -1]
+    tr = trace(model, tiny_tokenizer, TEXT, StreamConfig(k=2, block_size=16), forward="dense")
+    torch.testing.assert_close(tr.next_token_logits, dense, atol=1e-5, rtol=1e-5)
+    sparse = trace(model, tiny_tokenizer, TEXT, StreamConfig(k=2, block_size=16))
+    assert torch.equal(tr.blocks(0)[0], sparse.blocks(0)[0]), "layer 0 sees the same q and k either way"
+    for layer in range(3):
+        recall_rows = tr.blocks(layer)[1].sum(-1)
+        assert float(recall_rows.max()) <= 1 + 1e-5 and float(recall_rows.min()) > 0
+
+
+def test_unknown_forward_is_refused(llama, tiny_tokenizer):
+    with pytest.raises(InputError, match="forward"):
+        trace(llama, tiny_tokenizer, TEXT, forward="fast")

@@ -1,0 +1,209 @@
+"""How faithful a trace is: attention recall against the best possible selection, and behaviour.
+
+Two questions, answered on the same input:
+
+- **Recall**: how much of the model's real (dense) attention falls inside the kept blocks? The
+  selection is measured on the unmodified model's q and k (a `forward="dense"` trace), against
+  the exact dense block masses, and against the **oracle**: the same forced blocks plus the k
+  blocks of largest true mass, the best any selection of the same budget can do.
+- **Behaviour** (the paper's check): does the sparse model reproduce the dense model's greedy
+  continuation of `n_match` tokens? The continuation is teacher-forced in one sparse pass, which
+  is equivalent to greedy decoding as long as every earlier token matches. We also report
+  KL(dense || sparse) of the next-token distribution and top-1 agreement over the continuation.
+
+`min_k` finds the smallest k whose sparse model keeps the continuation, by binary search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .backend import LayerRecord
+from .blocks import num_blocks
+from .config import StreamConfig
+from .dense import oracle_selection, recall
+from .errors import InputError
+from .models import describe_model
+from .tracer import prepare_input, run_trace
+
+
+@dataclass
+class FidelityReport:
+    """What `check` measured. Per-layer lists are indexed by layer; per-head ones by [layer][head]."""
+
+    tokens: int
+    config: dict[str, Any]
+    recall: list[float]
+    oracle_recall: list[float]
+    recall_per_head: list[list[float]]
+    oracle_recall_per_head: list[list[float]]
+    continuation: list[int]
+    sparse_predictions: list[int]
+    kl_next_token: float
+    kl_mean: float
+    top1_agreement: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def match(self) -> bool:
+        """The sparse model reproduces the dense greedy continuation (the paper's criterion)."""
+        return self.sparse_predictions == self.continuation
+
+    @property
+    def recall_ratio(self) -> list[float]:
+        """Per layer: recall / oracle recall."""
+        return [r / o if o > 0 else 1.0 for r, o in zip(self.recall, self.oracle_recall, strict=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"match": self.match, "recall_ratio": self.recall_ratio}
+
+
+def check(
+    model,
+    tokenizer,
+    text: str | None = None,
+    config: StreamConfig | None = None,
+    *,
+    input_ids: Tensor | list[int] | None = None,
+    n_match: int = 2,
+    max_tokens: int | None = None,
+    allow_long: bool = False,
+    progress: bool | None = None,
+) -> FidelityReport:
+    """Measure recall (vs the oracle) and next-token behaviour of `config` on one input.
+
+    Costs `n_match` dense forward passes, one dense-forward trace (with exact block masses, O(T^2)
+    time but O(T) memory per layer beyond its block grid) and one sparse trace.
+    """
+    config = config or StreamConfig()
+    ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
+                        forward="dense")
+    extended, continuation, dense_logits = greedy_continuation(model, ids, n_match)
+    windows = describe_model(model)["sliding_windows"]
+    per_head: dict[int, tuple[Tensor, Tensor]] = {}
+    weights = _queries_per_row(len(extended), config.block_q)
+
+    def measure(layer: LayerRecord) -> None:
+        mass = layer.block_mass.cpu()
+        kept = recall(layer.selection.indices.cpu(), mass)[0]  # [H, n_q]
+        best = recall(oracle_selection(mass, config, len(extended), windows[layer.layer]).indices, mass)[0]
+        per_head[layer.layer] = ((kept * weights).sum(-1) / weights.sum(), (best * weights).sum(-1) / weights.sum())
+
+    run_trace(model, tokenizer, extended, config, forward="dense", progress=progress, on_layer=measure)
+    sparse, sparse_logits = run_trace(model, tokenizer, extended, config, logits_to_keep=n_match, progress=progress)
+    layers = range(len(per_head))
+    dense_p = torch.log_softmax(dense_logits, dim=-1)
+    sparse_p = torch.log_softmax(sparse_logits, dim=-1)
+    kl = (dense_p.exp() * (dense_p - sparse_p)).sum(-1)
+    return FidelityReport(
+        tokens=len(extended),
+        config=config.to_dict(),
+        recall=[float(per_head[i][0].mean()) for i in layers],
+        oracle_recall=[float(per_head[i][1].mean()) for i in layers],
+        recall_per_head=[per_head[i][0].tolist() for i in layers],
+        oracle_recall_per_head=[per_head[i][1].tolist() for i in layers],
+        continuation=continuation.tolist(),
+        sparse_predictions=sparse_logits.argmax(-1).tolist(),
+        kl_next_token=float(kl[0]),
+        kl_mean=float(kl.mean()),
+        top1_agreement=float((sparse_logits.argmax(-1) == dense_logits.argmax(-1)).float().mean()),
+        stats=sparse.stats(),
+    )
+
+
+def greedy_continuation(model, ids: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The dense model's greedy continuation of `ids`, for teacher forcing.
+
+    Args:
+        ids: int64 [T] the prompt.
+    Returns:
+        extended: int64 [T + n - 1], the prompt and all but the last continuation token (the
+        input whose last n positions predict the continuation); continuation: int64 [n];
+        logits: float32 [n, vocab], the dense model's logits at those n positions.
+    """
+    if n < 1:
+        raise InputError(f"n_match={n}; compare at least one next token (the paper uses 2)")
+    device = model.get_input_embeddings().weight.device
+    sequence = ids
+    with torch.inference_mode():
+        for step in range(n):
+            logits = model(input_ids=sequence[None].to(device), use_cache=False, logits_to_keep=step + 1).logits[0]
+            if step < n - 1:
+                sequence = torch.cat([sequence, logits[-1:].argmax(-1).cpu()])
+    logits = logits.float().cpu()
+    return sequence, logits.argmax(-1), logits
+
+
+@dataclass
+class MinKResult:
+    """The smallest k that keeps the dense greedy continuation, and every k tried on the way."""
+
+    min_k: int | None
+    passed: dict[int, bool]
+    monotone_near_answer: bool
+    k_max: int
+    stats_at_min_k: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"passed": {str(k): v for k, v in sorted(self.passed.items())}}
+
+
+def min_k(
+    model,
+    tokenizer,
+    text: str | None = None,
+    config: StreamConfig | None = None,
+    *,
+    input_ids: Tensor | list[int] | None = None,
+    n_match: int = 2,
+    k_max: int | None = None,
+    max_tokens: int | None = None,
+    allow_long: bool = False,
+    progress: bool | None = None,
+) -> MinKResult:
+    """Binary search for the smallest k whose sparse model reproduces the next `n_match` tokens.
+
+    `config` supplies everything but k (block sizes, sinks, ...). The answer's neighbours are both
+    checked: k passes, k - 1 fails, and k + 1 is tried too; `monotone_near_answer` is False when
+    k + 1 fails again (the pass/fail relation is then not monotone in k on this input).
+    `min_k` is None if not even k_max (default: every key block) reproduces the continuation.
+    """
+    config = config or StreamConfig()
+    ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long)
+    extended, continuation, _ = greedy_continuation(model, ids, n_match)
+    k_max = k_max or num_blocks(len(extended), config.block_k)
+    passed: dict[int, bool] = {}
+    stats: dict[int, dict[str, Any]] = {}
+
+    def passes(k: int) -> bool:
+        if k not in passed:
+            result, logits = run_trace(model, tokenizer, extended, config.with_k(k), logits_to_keep=n_match,
+                                       progress=progress)
+            passed[k] = bool(torch.equal(logits.argmax(-1), continuation))
+            stats[k] = result.stats()
+        return passed[k]
+
+    if not passes(k_max):
+        return MinKResult(None, passed, True, k_max, {})
+    low, high = 1, k_max
+    while low < high:
+        middle = (low + high) // 2
+        if passes(middle):
+            high = middle
+        else:
+            low = middle + 1
+    if low > 1:
+        passes(low - 1)
+    monotone = low >= k_max or passes(low + 1)
+    return MinKResult(low, passed, monotone, k_max, stats[low])
+
+
+def _queries_per_row(tokens: int, block_q: int) -> Tensor:
+    """float [n_q]: how many queries each query block holds (the last may be partial)."""
+    starts = torch.arange(num_blocks(tokens, block_q)) * block_q
+    return (torch.clamp(starts + block_q, max=tokens) - starts).float()
