@@ -27,6 +27,7 @@ PARTITIONS = ("row", "global")
 REPRESENTATIVES = ("block", "token")
 SCORES = ("max", "logsumexp")
 HEAD_SHARING = ("head", "kv_group")
+K_SCHEDULES = ("fixed", "log")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class StreamConfig:
             last round always keeps k. A wider beam recovers blocks the narrow search misses.
         head_sharing: "head" = one mask per query head (the paper); "kv_group" = one mask per
             key/value head, scores summed over its query-head group.
+        k_schedule: "fixed" = k blocks for every query block (the paper); "log" = the same total
+            budget redistributed in proportion to log2(1 + candidates), so later query blocks,
+            which choose among more key blocks, keep more (the paper names fixed k as its
+            weakness on late needles). Needs partition="row".
     """
 
     k: int = 8
@@ -68,6 +73,7 @@ class StreamConfig:
     query_stride: int | None = None
     beam: int | None = None
     head_sharing: str = "head"
+    k_schedule: str = "fixed"
 
     def __post_init__(self) -> None:
         if self.block_q is None:
@@ -96,11 +102,10 @@ class StreamConfig:
         _check_choice("representative", self.representative, REPRESENTATIVES)
         _check_choice("score", self.score, SCORES)
         _check_choice("head_sharing", self.head_sharing, HEAD_SHARING)
-
-    @property
-    def kept_per_row(self) -> int:
-        """Upper bound on kept key blocks per query block: sinks + k + local."""
-        return self.sinks + self.k + self.local
+        _check_choice("k_schedule", self.k_schedule, K_SCHEDULES)
+        if self.k_schedule != "fixed" and self.partition != "row":
+            raise ConfigError(f"k_schedule={self.k_schedule!r} needs partition='row' (each row splits its own "
+                              "range into its own number of branches)")
 
     def with_k(self, k: int) -> StreamConfig:
         """The same settings with another k; a beam at its default (2k) follows k."""

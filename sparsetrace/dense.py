@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .blocks import num_blocks, row_key_range, visible
 from .config import StreamConfig
-from .stream import Selection, with_forced_blocks
+from .stream import Selection, row_budgets, with_forced_blocks
 
 # Score elements per (query chunk x key chunk) step: bounds the working memory (~64 MB fp32).
 _STEP_ELEMENTS = 1 << 24
@@ -98,7 +98,8 @@ def _masked_scores(
 
 def oracle_selection(mass: Tensor, config: StreamConfig, tokens: int, sliding_window: int | None = None) -> Selection:
     """The best possible selection of the same budget: the same forced (sink and local) blocks as
-    Stream, plus the k searchable key blocks of largest true mass.
+    Stream, plus each row's budget (k, or the k_schedule's) of searchable key blocks of largest
+    true mass.
 
     Args:
         mass: float [B, H, n_q, n_k] from `dense_block_mass`.
@@ -108,11 +109,12 @@ def oracle_selection(mass: Tensor, config: StreamConfig, tokens: int, sliding_wi
     lo, hi = torch.clamp(first, min=config.sinks), last - config.local
     j = torch.arange(n_k, device=mass.device)
     searchable = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])  # [n_q, n_k]
-    k = min(config.k, n_k)
-    best = mass.masked_fill(~searchable, -1.0).topk(k, dim=-1)
-    chosen = torch.where(best.values >= 0, best.indices, -1)
-    if k < config.k:
-        chosen = torch.nn.functional.pad(chosen, (0, config.k - k), value=-1)
+    budget = row_budgets(tokens, config).to(mass.device)  # [n_q]: k per row, or the k_schedule's
+    most = int(budget.max())
+    best = mass.masked_fill(~searchable, -1.0).topk(min(most, n_k), dim=-1)
+    rank = torch.arange(best.indices.shape[-1], device=mass.device)
+    chosen = torch.where((best.values >= 0) & (rank < budget[:, None]), best.indices, -1)
+    chosen = torch.nn.functional.pad(chosen, (0, most - chosen.shape[-1]), value=-1)
     scores = torch.full(chosen.shape, float("nan"))
     return with_forced_blocks(chosen, scores, first, last, n_k, config)
 

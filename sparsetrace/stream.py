@@ -80,7 +80,7 @@ def select_blocks(
     scaling = dim**-0.5 if scaling is None else scaling
     device = q.device
     n_k = num_blocks(tokens, config.block_k)
-    first, last, start, width, rounds, causal_safe = _plan(tokens, config, sliding_window, device)
+    first, last, budget, start, width, rounds, causal_safe = _plan(tokens, config, sliding_window, device)
 
     query_blocks = split_blocks(q, config.block_q)[:, :, :, :: config.query_stride]
     query_pos = (
@@ -92,7 +92,9 @@ def select_blocks(
     else:  # the middle token of the centre block: key "blocks" of one token
         keys, key_block = k.unsqueeze(3), 1
 
-    children = 2 * max(config.beam, config.k)
+    most = start.shape[1]  # the largest row budget
+    keep_beam = torch.clamp(budget * config.beam // config.k, min=budget)  # branches kept in all rounds but the last
+    children = 2 * max(int(keep_beam.max()), 1)
     per_row = batch * heads * children * key_block * (dim + query_pos.shape[1])
     chunk = max(1, _CHUNK_ELEMENTS // per_row)
     n_q = query_pos.shape[0]
@@ -100,8 +102,10 @@ def select_blocks(
     if padded > n_q:  # padding rows see nothing: empty branches, positions past the end
         query_blocks = torch.nn.functional.pad(query_blocks, (0, 0, 0, 0, 0, padded - n_q))
         query_pos = torch.cat([query_pos, query_pos.new_full((padded - n_q, query_pos.shape[1]), tokens)])
-        start = torch.cat([start, start.new_zeros(padded - n_q, config.k)])
-        width = torch.cat([width, width.new_zeros(padded - n_q, config.k)])
+        start = torch.cat([start, start.new_zeros(padded - n_q, most)])
+        width = torch.cat([width, width.new_zeros(padded - n_q, most)])
+        budget = torch.cat([budget, budget.new_zeros(padded - n_q)])
+        keep_beam = torch.cat([keep_beam, keep_beam.new_zeros(padded - n_q)])
 
     found_start, found_width, found_score = [], [], []
     for rows in range(0, padded, chunk):
@@ -112,6 +116,9 @@ def select_blocks(
             width[rows : rows + chunk].expand(batch, heads, -1, -1),
             keys,
             config,
+            keep_final=budget[rows : rows + chunk],
+            keep_beam=keep_beam[rows : rows + chunk],
+            beam_width=children // 2,
             rounds=rounds,
             tokens=tokens,
             key_block=key_block,
@@ -131,13 +138,43 @@ def select_blocks(
     return with_forced_blocks(selected, score, first, last, n_k, config)
 
 
-def _initial_branches(lo: Tensor, hi: Tensor, n_k: int, config: StreamConfig) -> tuple[Tensor, Tensor]:
-    """k contiguous branches per row over lo .. hi. Returns start, width: int64 [n_q, k]."""
-    j = torch.arange(config.k + 1, device=lo.device)
+@torch.compiler.disable  # integer bookkeeping: cheap, and clamp-then-floordiv trips inductor (torch 2.13)
+def _plan(
+    tokens: int, config: StreamConfig, sliding_window: int | None, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int, bool]:
+    """Steps 1-2: each row's visible range, its initial branches, and the round count.
+
+    Returns:
+        first, last: int64 [n_q]; budget: int64 [n_q] blocks each row selects (`row_budgets`);
+        start, width: int64 [n_q, max budget]; rounds: halvings until the widest branch of any
+        row is a single block; causal_safe: no window and every searched key block ends before
+        its row's first query, so scoring needs no token-level mask.
+    """
+    first, last = row_key_range(tokens, config.block_q, config.block_k, sliding_window, device)
+    lo = torch.clamp(first, min=config.sinks)
+    hi = last - config.local
+    budget = row_budgets(tokens, config).to(device)
+    start, width = _initial_branches(lo, hi, num_blocks(tokens, config.block_k), config, budget)
+    widest = int(width.max()) if width.numel() else 0
+    row_start = torch.arange(len(first), device=device) * config.block_q
+    searched_before = ((hi + 1) * config.block_k <= row_start) | (hi < lo)
+    causal_safe = sliding_window is None and bool(searched_before.all())
+    rounds = math.ceil(math.log2(widest)) if widest > 1 else 0
+    return first, last, budget, start, width, rounds, causal_safe
+
+
+def _initial_branches(
+    lo: Tensor, hi: Tensor, n_k: int, config: StreamConfig, budget: Tensor
+) -> tuple[Tensor, Tensor]:
+    """budget[i] contiguous branches for row i over lo .. hi. Returns start, width: int64 [n_q, max budget]."""
+    most = max(int(budget.max()), 1) if budget.numel() else 1
+    j = torch.arange(most + 1, device=lo.device)
     if config.partition == "row":
-        n = torch.clamp(hi - lo + 1, min=0)
-        bounds = lo[:, None] + (j[None, :] * n[:, None]) // config.k
-        return bounds[:, :-1], bounds[:, 1:] - bounds[:, :-1]
+        n = torch.clamp(hi - lo + 1, min=0)[:, None]
+        parts = torch.clamp(budget, min=1)[:, None]
+        bounds = lo[:, None] + (torch.minimum(j[None, :], parts) * n) // parts
+        width = torch.where(j[None, :-1] < budget[:, None], bounds[:, 1:] - bounds[:, :-1], 0)
+        return bounds[:, :-1], width
     axis = max(n_k - config.sinks, 0)
     bounds = config.sinks + (j * axis) // config.k
     begin = torch.maximum(bounds[None, :-1], lo[:, None])
@@ -145,26 +182,38 @@ def _initial_branches(lo: Tensor, hi: Tensor, n_k: int, config: StreamConfig) ->
     return begin, torch.clamp(end - begin, min=0)
 
 
-@torch.compiler.disable  # integer bookkeeping: cheap, and clamp-then-floordiv trips inductor (torch 2.13)
-def _plan(
-    tokens: int, config: StreamConfig, sliding_window: int | None, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor, Tensor, int, bool]:
-    """Steps 1-2: each row's visible range, its initial branches, and the round count.
+@torch.compiler.disable
+def row_budgets(tokens: int, config: StreamConfig) -> Tensor:
+    """Key blocks each query block may select, on top of its forced blocks: int64 [n_q].
 
-    Returns:
-        first, last: int64 [n_q]; start, width: int64 [n_q, k]; rounds: halvings until the
-        widest branch of any row is a single block; causal_safe: no window and every searched
-        key block ends before its row's first query, so scoring needs no token-level mask.
+    "fixed": k for every row (a row with fewer candidates keeps them all). "log": the same total
+    as "fixed", sum_i min(k, n_i) over rows with n_i causal candidates, redistributed in proportion
+    to log2(1 + n_i) (each row capped at n_i): later rows, which choose among more blocks, get more
+    of the budget. Depends on T and the config only, so every layer (sliding or not) has the same
+    budgets and the trace keeps one width, `kept_width`.
     """
-    first, last = row_key_range(tokens, config.block_q, config.block_k, sliding_window, device)
-    lo = torch.clamp(first, min=config.sinks)
-    hi = last - config.local
-    start, width = _initial_branches(lo, hi, num_blocks(tokens, config.block_k), config)
-    widest = int(width.max()) if width.numel() else 0
-    row_start = torch.arange(len(first), device=device) * config.block_q
-    searched_before = ((hi + 1) * config.block_k <= row_start) | (hi < lo)
-    causal_safe = sliding_window is None and bool(searched_before.all())
-    return first, last, start, width, (math.ceil(math.log2(widest)) if widest > 1 else 0), causal_safe
+    n_q = num_blocks(tokens, config.block_q)
+    if config.k_schedule == "fixed":
+        return torch.full((n_q,), config.k, dtype=torch.int64)
+    _, last = row_key_range(tokens, config.block_q, config.block_k, None)
+    candidates = torch.clamp(last - config.local - config.sinks + 1, min=0).double()
+    total = float(torch.clamp(candidates, max=config.k).sum())
+    weight = torch.log2(1 + candidates)
+
+    def budgets(scale: float) -> Tensor:
+        return torch.minimum(torch.floor(scale * weight + 0.5), candidates)
+
+    low, high = 0.0, float(config.k) * n_q + 1
+    for _ in range(60):  # the largest scale whose total stays within the fixed schedule's
+        middle = (low + high) / 2
+        low, high = (middle, high) if float(budgets(middle).sum()) <= total else (low, middle)
+    return budgets(low).long()
+
+
+def kept_width(tokens: int, config: StreamConfig) -> int:
+    """K, the last dimension of a selection: sinks + the largest row budget + local."""
+    budget = row_budgets(tokens, config)
+    return config.sinks + (int(budget.max()) if budget.numel() else config.k) + config.local
 
 
 def _search_chunk(
@@ -175,6 +224,9 @@ def _search_chunk(
     keys: Tensor,
     config: StreamConfig,
     *,
+    keep_final: Tensor,
+    keep_beam: Tensor,
+    beam_width: int,
     rounds: int,
     tokens: int,
     key_block: int,
@@ -187,12 +239,15 @@ def _search_chunk(
     Args:
         query_blocks: [B, H, c, q', d] the scoring queries (every `query_stride`-th).
         query_pos: int64 [c, q'] their positions (>= T for padding).
-        start, width: int64 [B, H, c, k] the initial branches.
+        start, width: int64 [B, H, c, m] the initial branches (m = the largest row budget).
         keys: [B, H_kv, n, key_block, d] key blocks (or single tokens) to score against.
+        keep_final, keep_beam: int64 [c] branches each row keeps in the last round / the others;
+            beam_width: the largest of keep_beam (a static shape).
     Returns:
-        start, width, score of the kept branches: [B, H, c, k], widths <= 1.
+        start, width, score of the kept branches: [B, H, c, m], widths <= 1.
     """
     heads = query_blocks.shape[1]
+    most = start.shape[-1]
     score = torch.full(start.shape, float("nan"), device=start.device)
     for r in range(rounds):
         half = (width + 1) // 2
@@ -203,9 +258,12 @@ def _search_chunk(
             tokens=tokens, key_block=key_block, scaling=scaling, sliding_window=sliding_window, heads=heads,
             masked=masked,
         )
-        keep = min(config.k if r == rounds - 1 else config.beam, child_score.shape[-1])
+        last_round = r == rounds - 1
+        keep = min(most if last_round else beam_width, child_score.shape[-1])
         best = torch.sort(child_score, dim=-1, descending=True, stable=True).indices[..., :keep]
         start, width, score = (x.gather(-1, best) for x in (child_start, child_width, child_score))
+        row_keep = keep_final if last_round else keep_beam  # per-row budgets (k_schedule)
+        width = torch.where(torch.arange(keep, device=width.device) < row_keep[:, None], width, 0)
         # back to key order, so that equal scores keep preferring the lower block index
         order = torch.where(width > 0, start, torch.iinfo(start.dtype).max).argsort(dim=-1, stable=True)
         start, width, score = (x.gather(-1, order) for x in (start, width, score))

@@ -42,6 +42,7 @@ from torch import Tensor
 from .blocks import num_blocks, row_key_range
 from .config import StreamConfig
 from .errors import ConfigError, InputError, TraceFileError
+from .stream import kept_width
 
 FORMAT = "sparsetrace"
 FORMAT_VERSION = "1"
@@ -65,7 +66,7 @@ class Trace:
     Args:
         token_ids: int32 or int64 [T] (kept as int64).
         config: the `StreamConfig` the trace was made with.
-        indices: per layer int32 [H, n_q, K], K = config.sinks + config.k + config.local.
+        indices: per layer int32 [H, n_q, K], K = `kept_width(T, config)` (sinks + k + local for a fixed k).
         mass: per layer float32 [H, n_q, K].
         model_info: JSON dict with at least the keys in `MODEL_INFO_KEYS`; stored whole.
         next_token_logits: float [vocab], the sparse model's last-position logits (kept as float32).
@@ -388,7 +389,7 @@ def _validate(
             and len(indices) == len(mass)):
         raise InvalidTraceError("indices and mass must be non-empty lists with one tensor per layer each")
     tokens = token_ids.numel()
-    shape = (num_blocks(tokens, config.block_q), config.kept_per_row)
+    shape = (num_blocks(tokens, config.block_q), kept_width(tokens, config))
     last = row_key_range(tokens, config.block_q, config.block_k, None)[1]
     heads = indices[0].shape[0] if isinstance(indices[0], Tensor) and indices[0].dim() == 3 else -1
     for layer, (idx, m) in enumerate(zip(indices, mass, strict=True)):

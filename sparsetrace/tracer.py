@@ -23,6 +23,7 @@ from .blocks import num_blocks
 from .config import StreamConfig
 from .errors import InputError, MemoryRequestError, UnsupportedModelError
 from .models import describe_model
+from .stream import kept_width
 from .trace import Trace
 
 # Inputs at least this long get a progress bar over layers by default.
@@ -190,7 +191,7 @@ def estimate_memory(model, tokens: int, config: StreamConfig, forward: str = "sp
     per_token = 8 * hidden + 4 * intermediate + 4 * (heads + 2 * kv_heads) * head_dim
     activations = tokens * per_token * element
     n_q = num_blocks(tokens, config.block_q)
-    stored = text.num_hidden_layers * heads * n_q * config.kept_per_row * 8
+    stored = text.num_hidden_layers * heads * n_q * kept_width(tokens, config) * 8
     if forward == "dense":
         stored += tokens * tokens + 2 * heads * n_q * num_blocks(tokens, config.block_k) * 4
     return activations + stored + (512 << 20)

@@ -9,7 +9,7 @@ from sparsetrace import stream
 from sparsetrace.blocks import row_key_range
 from sparsetrace.config import StreamConfig
 from sparsetrace.errors import InputError
-from sparsetrace.stream import select_blocks
+from sparsetrace.stream import kept_width, row_budgets, select_blocks
 
 
 def reference_select(q, k, cfg, window=None, scaling=None):
@@ -18,7 +18,8 @@ def reference_select(q, k, cfg, window=None, scaling=None):
     group = heads // k.shape[1]
     scaling = dim**-0.5 if scaling is None else scaling
     n_q, n_k = math.ceil(tokens / cfg.block_q), math.ceil(tokens / cfg.block_k)
-    out = torch.full((batch, heads, n_q, cfg.kept_per_row), -1, dtype=torch.int32)
+    out = torch.full((batch, heads, n_q, kept_width(tokens, cfg)), -1, dtype=torch.int32)
+    budgets = row_budgets(tokens, cfg)
     for b in range(batch):
         for h in range(heads):
             for i in range(n_q):
@@ -45,9 +46,11 @@ def reference_select(q, k, cfg, window=None, scaling=None):
 
                 lo, hi = max(first, cfg.sinks), last - cfg.local
                 n = max(hi - lo + 1, 0)
+                budget = int(budgets[i])
+                beam = max(budget * cfg.beam // cfg.k, budget)
                 if cfg.partition == "row":
-                    bounds = [lo + j * n // cfg.k for j in range(cfg.k + 1)]
-                    branches = [(bounds[j], bounds[j + 1] - bounds[j]) for j in range(cfg.k)]
+                    bounds = [lo + j * n // budget for j in range(budget + 1)] if budget else [lo]
+                    branches = [(bounds[j], bounds[j + 1] - bounds[j]) for j in range(budget)]
                 else:
                     axis = n_k - cfg.sinks
                     bounds = [cfg.sinks + j * axis // cfg.k for j in range(cfg.k + 1)]
@@ -68,7 +71,7 @@ def reference_select(q, k, cfg, window=None, scaling=None):
                         (-(score(s + (w - 1) // 2)) if w > 0 else math.inf, s if w > 0 else math.inf, s, w)
                         for s, w in children
                     ]
-                    keep = cfg.k if r == rounds_needed - 1 else cfg.beam
+                    keep = budget if r == rounds_needed - 1 else beam
                     kept = sorted(scored)[:keep]
                     branches = sorted(((s, w) for _, _, s, w in kept), key=lambda x: (x[1] == 0, x[0]))
                 chosen = {s for s, w in branches if w == 1}
@@ -85,7 +88,8 @@ def _widest(tokens, cfg, window):
     lo = torch.clamp(first, min=cfg.sinks)
     n = torch.clamp(last - cfg.local - lo + 1, min=0)
     if cfg.partition == "row":
-        return int(max(-(-n // cfg.k)).item()) if n.numel() else 0
+        budget = row_budgets(tokens, cfg)
+        return int(max((-(-n // budget.clamp(min=1))) * (budget > 0)).item()) if n.numel() else 0
     axis = math.ceil(tokens / cfg.block_k) - cfg.sinks
     widths = []
     bounds = [cfg.sinks + j * axis // cfg.k for j in range(cfg.k + 1)]
@@ -103,6 +107,8 @@ CONFIGS = [
     StreamConfig(k=2, block_q=16, block_k=8, query_stride=4, score="logsumexp", beam=5),
     StreamConfig(k=4, block_q=8, block_k=16, sinks=2, local=2, representative="token"),
     StreamConfig(k=1, block_size=8, sinks=0, local=1),
+    StreamConfig(k=3, block_size=8, k_schedule="log"),
+    StreamConfig(k=2, block_size=8, k_schedule="log", beam=3, score="max", query_stride=2),
 ]
 
 
@@ -132,7 +138,7 @@ def test_properties(partition, window, tokens):
     q, k = torch.randn(2, 6, tokens, 8), torch.randn(2, 3, tokens, 8)
     sel = select_blocks(q, k, cfg, sliding_window=window)
     n_q = math.ceil(tokens / 16)
-    assert sel.indices.shape == (2, 6, n_q, cfg.kept_per_row) and sel.indices.dtype == torch.int32
+    assert sel.indices.shape == (2, 6, n_q, kept_width(tokens, cfg)) and sel.indices.dtype == torch.int32
     first, last = row_key_range(tokens, 16, 16, window)
     for b in range(2):
         for h in range(6):
@@ -188,3 +194,18 @@ def test_compiled_equals_eager():
 def test_mismatched_shapes_are_refused():
     with pytest.raises(InputError, match="do not match"):
         select_blocks(torch.randn(1, 4, 10, 8), torch.randn(1, 3, 10, 8), StreamConfig())
+
+
+@pytest.mark.parametrize("tokens", [1, 100, 1000, 4096, 8192])
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_log_schedule_keeps_the_total_and_favours_later_rows(tokens, k):
+    fixed = row_budgets(tokens, StreamConfig(k=k))
+    log = row_budgets(tokens, StreamConfig(k=k, k_schedule="log"))
+    _, last = row_key_range(tokens, 64, 64, None)
+    candidates = torch.clamp(last - 1, min=0)  # minus the sink and the local block
+    assert bool((log <= candidates).all()) and bool((fixed == k).all())
+    fixed_total = int(torch.minimum(fixed, candidates).sum())
+    assert fixed_total - len(log) // 2 - 1 <= int(log.sum()) <= fixed_total, "the same total, up to rounding"
+    assert bool((log[1:] >= log[:-1]).all()), "rows with more candidates never get less"
+    if tokens >= 4096 and k > 1:
+        assert int(log[-1]) > k, "the last rows get more than k"
