@@ -16,6 +16,7 @@ from .errors import (
     TraceFileError,
     UnsupportedModelError,
 )
+from .fidelity import FidelityReport, MinKResult, check, min_k
 from .models import describe_model, load_model
 from .stream import Selection, select_blocks
 from .trace import Trace, load_trace
@@ -25,6 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "FidelityReport",
+    "MinKResult",
     "InputError",
     "MemoryRequestError",
     "Selection",
@@ -35,9 +38,11 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "block_sparse_attention",
+    "check",
     "describe_model",
     "load_model",
     "load_trace",
+    "min_k",
     "select_blocks",
     "trace",
 ]

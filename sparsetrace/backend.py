@@ -51,12 +51,19 @@ class LayerRecord:
             blocks (forward="sparse", rows sum to 1) or under the model's full attention
             (forward="dense", rows sum to the recall).
         block_mass: float32 [B, H, n_q, n_k], the dense mass of every block (forward="dense" only).
+        query, key: the layer's q [B, H, T, d] and k [B, H_kv, T, d] as the attention saw them
+            (references, no copy: keep them only if you need them, e.g. to try other estimators).
+        scaling, sliding_window: the layer's softmax scale and window.
     """
 
     layer: int
     selection: Selection
     mass: Tensor
     block_mass: Tensor | None = None
+    query: Tensor | None = None
+    key: Tensor | None = None
+    scaling: float | None = None
+    sliding_window: int | None = None
 
 
 LayerCallback = Callable[[LayerRecord], None]
@@ -111,14 +118,14 @@ def stream_attention_forward(
             query, key, value, selection.indices, block_q=config.block_q, block_k=config.block_k,
             scaling=scaling, sliding_window=sliding_window, softcap=softcap,
         )
-        run.on_layer(LayerRecord(module.layer_idx, selection, mass))
+        run.on_layer(LayerRecord(module.layer_idx, selection, mass, None, query, key, scaling, sliding_window))
         return out.transpose(1, 2).contiguous(), None
     # forward="dense": the model's own attention computes the output; we only measure.
     block_mass = dense_block_mass(query, key, block_q=config.block_q, block_k=config.block_k, scaling=scaling,
                                   sliding_window=sliding_window, softcap=softcap)
     kept = selection.indices.long()
     mass = block_mass.gather(-1, kept.clamp(min=0)) * (kept >= 0)
-    run.on_layer(LayerRecord(module.layer_idx, selection, mass, block_mass))
+    run.on_layer(LayerRecord(module.layer_idx, selection, mass, block_mass, query, key, scaling, sliding_window))
     return _model_attention(module, run.original)(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
         sliding_window=sliding_window, softcap=softcap, **kwargs,

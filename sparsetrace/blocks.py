@@ -43,6 +43,12 @@ def row_key_range(
     return first, last
 
 
+def queries_per_row(num_tokens: int, block_q: int) -> Tensor:
+    """float [n_q]: how many queries each query block holds (the last may be partial)."""
+    starts = torch.arange(num_blocks(num_tokens, block_q)) * block_q
+    return (torch.clamp(starts + block_q, max=num_tokens) - starts).float()
+
+
 def split_blocks(x: Tensor, block: int) -> Tensor:
     """Cut the token axis into blocks, zero-padding the last one.
 

@@ -29,7 +29,8 @@ CONFIG_HELP = {
     "query_stride": "score with every s-th query of a block (default 1 = all)",
     "beam": "branches kept per halving round before the last (default k)",
     "head_sharing": "one mask per query head (head, default) or per key/value group (kv_group)",
-    "k_schedule": "fixed k per query block (fixed, default) or the same total shifted to later blocks (log)",
+    "k_schedule": "fixed k per query block (fixed, default) or the same total shifted to later blocks "
+    "in proportion to log2(candidates) (log) or to candidates (linear)",
 }
 
 TRACE_EXAMPLES = """examples:

@@ -27,7 +27,7 @@ PARTITIONS = ("row", "global")
 REPRESENTATIVES = ("block", "token")
 SCORES = ("max", "logsumexp")
 HEAD_SHARING = ("head", "kv_group")
-K_SCHEDULES = ("fixed", "log")
+K_SCHEDULES = ("fixed", "log", "linear")
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ class StreamConfig:
             last round always keeps k. A wider beam recovers blocks the narrow search misses.
         head_sharing: "head" = one mask per query head (the paper); "kv_group" = one mask per
             key/value head, scores summed over its query-head group.
-        k_schedule: "fixed" = k blocks for every query block (the paper); "log" = the same total
-            budget redistributed in proportion to log2(1 + candidates), so later query blocks,
-            which choose among more key blocks, keep more (the paper names fixed k as its
-            weakness on late needles). Needs partition="row".
+        k_schedule: "fixed" = k blocks for every query block (the paper); "log" / "linear" = the
+            same total budget redistributed in proportion to log2(1 + candidates) / candidates, so
+            later query blocks, which choose among more key blocks, keep more (the paper names
+            fixed k as its weakness on late needles). Needs partition="row".
     """
 
     k: int = 8

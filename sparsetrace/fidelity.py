@@ -24,11 +24,10 @@ import torch
 from torch import Tensor
 
 from .backend import LayerRecord
-from .blocks import num_blocks
+from .blocks import num_blocks, queries_per_row
 from .config import StreamConfig
 from .dense import oracle_selection, recall
 from .errors import InputError
-from .models import describe_model
 from .tracer import prepare_input, run_trace
 
 
@@ -84,15 +83,14 @@ def check(
     ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
                         forward="dense")
     extended, continuation, dense_logits = greedy_continuation(model, ids, n_match)
-    windows = describe_model(model)["sliding_windows"]
     per_head: dict[int, tuple[Tensor, Tensor]] = {}
-    weights = _queries_per_row(len(extended), config.block_q)
 
     def measure(layer: LayerRecord) -> None:
         mass = layer.block_mass.cpu()
-        kept = recall(layer.selection.indices.cpu(), mass)[0]  # [H, n_q]
-        best = recall(oracle_selection(mass, config, len(extended), windows[layer.layer]).indices, mass)[0]
-        per_head[layer.layer] = ((kept * weights).sum(-1) / weights.sum(), (best * weights).sum(-1) / weights.sum())
+        best = oracle_selection(mass, config, len(extended), layer.sliding_window).indices
+        tokens = len(extended)
+        per_head[layer.layer] = (layer_recall(layer.selection.indices.cpu(), mass, tokens, config.block_q),
+                                 layer_recall(best, mass, tokens, config.block_q))
 
     run_trace(model, tokenizer, extended, config, forward="dense", progress=progress, on_layer=measure)
     sparse, sparse_logits = run_trace(model, tokenizer, extended, config, logits_to_keep=n_match, progress=progress)
@@ -176,14 +174,28 @@ def min_k(
     config = config or StreamConfig()
     ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long)
     extended, continuation, _ = greedy_continuation(model, ids, n_match)
+    return search_min_k(model, tokenizer, extended, continuation, config, k_max=k_max, progress=progress)
+
+
+def search_min_k(
+    model,
+    tokenizer,
+    extended: Tensor,
+    continuation: Tensor,
+    config: StreamConfig,
+    *,
+    k_max: int | None = None,
+    progress: bool | None = None,
+) -> MinKResult:
+    """`min_k` on an input already extended by its dense continuation (see `greedy_continuation`)."""
     k_max = k_max or num_blocks(len(extended), config.block_k)
     passed: dict[int, bool] = {}
     stats: dict[int, dict[str, Any]] = {}
 
     def passes(k: int) -> bool:
         if k not in passed:
-            result, logits = run_trace(model, tokenizer, extended, config.with_k(k), logits_to_keep=n_match,
-                                       progress=progress)
+            result, logits = run_trace(model, tokenizer, extended, config.with_k(k),
+                                       logits_to_keep=len(continuation), progress=progress)
             passed[k] = bool(torch.equal(logits.argmax(-1), continuation))
             stats[k] = result.stats()
         return passed[k]
@@ -203,7 +215,13 @@ def min_k(
     return MinKResult(low, passed, monotone, k_max, stats[low])
 
 
-def _queries_per_row(tokens: int, block_q: int) -> Tensor:
-    """float [n_q]: how many queries each query block holds (the last may be partial)."""
-    starts = torch.arange(num_blocks(tokens, block_q)) * block_q
-    return (torch.clamp(starts + block_q, max=tokens) - starts).float()
+def layer_recall(indices: Tensor, block_mass: Tensor, tokens: int, block_q: int) -> Tensor:
+    """Per head: the fraction of the dense attention inside the kept blocks, mean over queries.
+
+    Args:
+        indices: int [1, H, n_q, K]; block_mass: float [1, H, n_q, n_k] from `dense_block_mass`.
+    Returns:
+        float [H] (rows weighted by their number of queries: the last block may be partial).
+    """
+    weights = queries_per_row(tokens, block_q)
+    return (recall(indices, block_mass)[0] * weights).sum(-1) / weights.sum()

@@ -186,11 +186,12 @@ def _initial_branches(
 def row_budgets(tokens: int, config: StreamConfig) -> Tensor:
     """Key blocks each query block may select, on top of its forced blocks: int64 [n_q].
 
-    "fixed": k for every row (a row with fewer candidates keeps them all). "log": the same total
-    as "fixed", sum_i min(k, n_i) over rows with n_i causal candidates, redistributed in proportion
-    to log2(1 + n_i) (each row capped at n_i): later rows, which choose among more blocks, get more
-    of the budget. Depends on T and the config only, so every layer (sliding or not) has the same
-    budgets and the trace keeps one width, `kept_width`.
+    "fixed": k for every row (a row with fewer candidates keeps them all). "log" and "linear": the
+    same total as "fixed", sum_i min(k, n_i) over rows with n_i causal candidates, redistributed in
+    proportion to log2(1 + n_i) or to n_i (each row capped at n_i): later rows, which choose among
+    more blocks, get more of the budget; "linear" keeps about the same fraction of every row.
+    Depends on T and the config only, so every layer (sliding or not) has the same budgets and
+    the trace keeps one width, `kept_width`.
     """
     n_q = num_blocks(tokens, config.block_q)
     if config.k_schedule == "fixed":
@@ -198,7 +199,7 @@ def row_budgets(tokens: int, config: StreamConfig) -> Tensor:
     _, last = row_key_range(tokens, config.block_q, config.block_k, None)
     candidates = torch.clamp(last - config.local - config.sinks + 1, min=0).double()
     total = float(torch.clamp(candidates, max=config.k).sum())
-    weight = torch.log2(1 + candidates)
+    weight = torch.log2(1 + candidates) if config.k_schedule == "log" else candidates
 
     def budgets(scale: float) -> Tensor:
         return torch.minimum(torch.floor(scale * weight + 0.5), candidates)

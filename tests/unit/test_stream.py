@@ -108,7 +108,7 @@ CONFIGS = [
     StreamConfig(k=4, block_q=8, block_k=16, sinks=2, local=2, representative="token"),
     StreamConfig(k=1, block_size=8, sinks=0, local=1),
     StreamConfig(k=3, block_size=8, k_schedule="log"),
-    StreamConfig(k=2, block_size=8, k_schedule="log", beam=3, score="max", query_stride=2),
+    StreamConfig(k=2, block_size=8, k_schedule="linear", beam=3, score="max", query_stride=2),
 ]
 
 
@@ -198,9 +198,10 @@ def test_mismatched_shapes_are_refused():
 
 @pytest.mark.parametrize("tokens", [1, 100, 1000, 4096, 8192])
 @pytest.mark.parametrize("k", [1, 4, 8])
-def test_log_schedule_keeps_the_total_and_favours_later_rows(tokens, k):
+@pytest.mark.parametrize("schedule", ["log", "linear"])
+def test_variable_schedules_keep_the_total_and_favour_later_rows(tokens, k, schedule):
     fixed = row_budgets(tokens, StreamConfig(k=k))
-    log = row_budgets(tokens, StreamConfig(k=k, k_schedule="log"))
+    log = row_budgets(tokens, StreamConfig(k=k, k_schedule=schedule))
     _, last = row_key_range(tokens, 64, 64, None)
     candidates = torch.clamp(last - 1, min=0)  # minus the sink and the local block
     assert bool((log <= candidates).all()) and bool((fixed == k).all())

