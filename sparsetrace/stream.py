@@ -80,7 +80,8 @@ def select_blocks(
     scaling = dim**-0.5 if scaling is None else scaling
     device = q.device
     n_k = num_blocks(tokens, config.block_k)
-    first, last, budget, start, width, rounds, causal_safe = _plan(tokens, config, sliding_window, device)
+    plan = _plan(tokens, config, sliding_window, device)
+    start, width, budget, keep_beam = plan.start, plan.width, plan.budget, plan.keep_beam
 
     query_blocks = split_blocks(q, config.block_q)[:, :, :, :: config.query_stride]
     query_pos = (
@@ -93,9 +94,7 @@ def select_blocks(
         keys, key_block = k.unsqueeze(3), 1
 
     most = start.shape[1]  # the largest row budget
-    keep_beam = torch.clamp(budget * config.beam // config.k, min=budget)  # branches kept in all rounds but the last
-    children = 2 * max(int(keep_beam.max()), 1)
-    per_row = batch * heads * children * key_block * (dim + query_pos.shape[1])
+    per_row = batch * heads * 2 * plan.beam_width * key_block * (dim + query_pos.shape[1])
     chunk = max(1, _CHUNK_ELEMENTS // per_row)
     n_q = query_pos.shape[0]
     padded = math.ceil(n_q / chunk) * chunk
@@ -118,13 +117,13 @@ def select_blocks(
             config,
             keep_final=budget[rows : rows + chunk],
             keep_beam=keep_beam[rows : rows + chunk],
-            beam_width=children // 2,
-            rounds=rounds,
+            beam_width=plan.beam_width,
+            rounds=plan.rounds,
             tokens=tokens,
             key_block=key_block,
             scaling=scaling,
             sliding_window=sliding_window,
-            masked=not causal_safe or (rows + chunk) * config.block_q > tokens,
+            masked=not plan.causal_safe or (rows + chunk) * config.block_q > tokens,
         )
         found_start.append(s)
         found_width.append(w)
@@ -133,34 +132,51 @@ def select_blocks(
     width = torch.cat(found_width, dim=2)[:, :, :n_q]
     score = torch.cat(found_score, dim=2)[:, :, :n_q]
     selected = torch.where(width == 1, start, -1)
-    if rounds == 0:
+    if plan.rounds == 0:
         score = torch.full_like(score, float("nan"))
-    return with_forced_blocks(selected, score, first, last, n_k, config)
+    return with_forced_blocks(selected, score, plan.first, plan.last, n_k, config)
 
 
-@torch.compiler.disable  # integer bookkeeping: cheap, and clamp-then-floordiv trips inductor (torch 2.13)
-def _plan(
-    tokens: int, config: StreamConfig, sliding_window: int | None, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int, bool]:
-    """Steps 1-2: each row's visible range, its initial branches, and the round count.
+@dataclass(frozen=True)
+class _Plan:
+    """Steps 1-2 for one layer: integer bookkeeping, done once before the search.
 
-    Returns:
-        first, last: int64 [n_q]; budget: int64 [n_q] blocks each row selects (`row_budgets`);
-        start, width: int64 [n_q, max budget]; rounds: halvings until the widest branch of any
-        row is a single block; causal_safe: no window and every searched key block ends before
-        its row's first query, so scoring needs no token-level mask.
+    first, last: int64 [n_q] each row's visible key blocks; budget: int64 [n_q] blocks each row
+    selects (`row_budgets`); keep_beam: int64 [n_q] branches each row keeps in all rounds but the
+    last, beam_width its maximum; start, width: int64 [n_q, max budget] the initial branches;
+    rounds: halvings until the widest branch of any row is a single block; causal_safe: no window
+    and every searched key block ends before its row's first query, so scoring needs no mask.
     """
+
+    first: Tensor
+    last: Tensor
+    budget: Tensor
+    keep_beam: Tensor
+    beam_width: int
+    start: Tensor
+    width: Tensor
+    rounds: int
+    causal_safe: bool
+
+
+@torch.compiler.disable  # plain ints for static shapes; and clamp-then-floordiv trips inductor (torch 2.13)
+def _plan(tokens: int, config: StreamConfig, sliding_window: int | None, device: torch.device) -> _Plan:
     first, last = row_key_range(tokens, config.block_q, config.block_k, sliding_window, device)
     lo = torch.clamp(first, min=config.sinks)
     hi = last - config.local
     budget = row_budgets(tokens, config).to(device)
+    keep_beam = torch.clamp(budget * config.beam // config.k, min=budget)
     start, width = _initial_branches(lo, hi, num_blocks(tokens, config.block_k), config, budget)
     widest = int(width.max()) if width.numel() else 0
     row_start = torch.arange(len(first), device=device) * config.block_q
     searched_before = ((hi + 1) * config.block_k <= row_start) | (hi < lo)
-    causal_safe = sliding_window is None and bool(searched_before.all())
-    rounds = math.ceil(math.log2(widest)) if widest > 1 else 0
-    return first, last, budget, start, width, rounds, causal_safe
+    return _Plan(
+        first=first, last=last, budget=budget, keep_beam=keep_beam,
+        beam_width=max(int(keep_beam.max()) if keep_beam.numel() else 1, 1),
+        start=start, width=width,
+        rounds=math.ceil(math.log2(widest)) if widest > 1 else 0,
+        causal_safe=sliding_window is None and bool(searched_before.all()),
+    )
 
 
 def _initial_branches(
