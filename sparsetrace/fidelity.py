@@ -83,12 +83,12 @@ def check(
     ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
                         forward="dense")
     extended, continuation, dense_logits = greedy_continuation(model, ids, n_match)
+    tokens = len(extended)
     per_head: dict[int, tuple[Tensor, Tensor]] = {}
 
     def measure(layer: LayerRecord) -> None:
         mass = layer.block_mass.cpu()
-        best = oracle_selection(mass, config, len(extended), layer.sliding_window).indices
-        tokens = len(extended)
+        best = oracle_selection(mass, config, tokens, layer.sliding_window).indices
         per_head[layer.layer] = (layer_recall(layer.selection.indices.cpu(), mass, tokens, config.block_q),
                                  layer_recall(best, mass, tokens, config.block_q))
 
@@ -99,7 +99,7 @@ def check(
     sparse_p = torch.log_softmax(sparse_logits, dim=-1)
     kl = (dense_p.exp() * (dense_p - sparse_p)).sum(-1)
     return FidelityReport(
-        tokens=len(extended),
+        tokens=tokens,
         config=config.to_dict(),
         recall=[float(per_head[i][0].mean()) for i in layers],
         oracle_recall=[float(per_head[i][1].mean()) for i in layers],

@@ -131,7 +131,11 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--texts", nargs="+", default=["needle", "natural", "cot"])
     parser.add_argument("--replot", action="store_true", help="redraw the PNGs from results.json")
+    parser.add_argument("--tables", action="store_true", help="print the README's tables from results.json")
     args = parser.parse_args()
+    if args.tables:
+        print(tables(json.loads((HERE / "results.json").read_text())))
+        return
     if not args.replot:
         model, tokenizer = load_model()
         cells = HERE / "cells"
@@ -167,8 +171,41 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def tables(results: dict) -> str:
+    """The README's tables, in Markdown."""
+    cells = results["cells"]
+    order = sorted(cells, key=lambda name: (name.split("_")[0], int(name.split("_")[1])))
+    lines = ["| text | tokens | recall at k=8 (worst layer) | oracle | recall / oracle (worst layer) "
+             "| sinks+local only | next 2 tokens kept at k=8 | min k | sparsity at min k | compression at min k |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        cell, fixed = cells[name], cells[name]["schedules"]["fixed"]
+        ratio = [r / o for r, o in zip(fixed["recall"], fixed["oracle_recall"], strict=True)]
+        stats = fixed["stats_at_min_k"]
+        lines.append(
+            f"| {name.split('_')[0]} | {cell['tokens']:,} | {mean(fixed['recall']):.3f} ({min(fixed['recall']):.3f}) "
+            f"| {mean(fixed['oracle_recall']):.3f} | {mean(ratio):.3f} ({min(ratio):.3f}) "
+            f"| {mean(cell['curves']['sinks+local only']):.3f} "
+            f"| {'yes' if fixed['keeps_continuation_at_k8'] else 'no'} "
+            + (f"| {fixed['min_k']} | {stats['block_sparsity']:.1%} block grid, {stats['sparsity']:.1%} token pairs "
+               f"| {stats['compression']:,.0f}x |" if stats else "| none up to 32 | - | - |")
+        )
+    lines += ["", "| text | tokens | schedule | kept blocks | recall at k=8 | oracle | next 2 tokens kept | min k |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        for schedule, row in cells[name]["schedules"].items():
+            lines.append(
+                f"| {name.split('_')[0]} | {cells[name]['tokens']:,} | {schedule} | {row['kept_blocks']:,} "
+                f"| {mean(row['recall']):.4f} | {mean(row['oracle_recall']):.4f} "
+                f"| {'yes' if row['keeps_continuation_at_k8'] else 'no'} "
+                f"| {row.get('min_k', '-') if row.get('min_k', '-') is not None else 'none up to 32'} |"
+            )
+    return "\n".join(lines)
+
+
 def plot(results: dict) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -205,14 +242,14 @@ def plot(results: dict) -> None:
     fig.savefig(HERE / "recall_vs_k.png", dpi=120)
 
     fig, (ax_k, ax_recall) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for text in texts:
-        for schedule, marker in zip(SCHEDULES, "os^", strict=True):
+    for text, colour in zip(texts, ("tab:blue", "tab:green", "tab:red"), strict=False):
+        for schedule, marker in zip(SCHEDULES, ("o-", "s--", "^:"), strict=True):
             points = [(length, cells[f"{text}_{length}"]["schedules"][schedule]) for length in lengths
                       if f"{text}_{length}" in cells]
             if schedule in MIN_K_SCHEDULES:
-                ax_k.plot([p[0] for p in points], [p[1]["min_k"] or float("nan") for p in points], marker + "-",
-                          label=f"{text}, {schedule}")
-            ax_recall.plot([p[0] for p in points], [mean(p[1]["recall"]) for p in points], marker + "-",
+                ax_k.plot([p[0] for p in points], [p[1]["min_k"] or float("nan") for p in points], marker,
+                          color=colour, label=f"{text}, {schedule}")
+            ax_recall.plot([p[0] for p in points], [mean(p[1]["recall"]) for p in points], marker, color=colour,
                            label=f"{text}, {schedule}")
     ax_k.set(xscale="log", xlabel="tokens", ylabel="smallest k that keeps the next 2 tokens",
              title="min k by schedule (budget scales with k)")
@@ -220,6 +257,7 @@ def plot(results: dict) -> None:
                   title="Fixed vs variable k at the same total budget")
     for ax in (ax_k, ax_recall):
         ax.set_xticks(lengths, [f"{length // 1024}k" for length in lengths])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     ax_k.legend(fontsize=7, ncol=2)
     ax_recall.legend(fontsize=7, ncol=2)
