@@ -9,7 +9,6 @@ so that the prompt has the target length in tokens (default model's tokenizer).
 """
 
 import argparse
-import json
 import random
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def main() -> None:
     _, tokenizer = load_model()
     rng = random.Random(args.seed)
     here = Path(__file__).parent
-    answers = {}
+    answers = ["length\ttokens\tdepth\tkey\tanswer"]
     for length in args.lengths:
         key, value = rng.choice(KEYS), str(rng.randint(1_000_000, 9_999_999))
 
@@ -56,9 +55,9 @@ def main() -> None:
             middle = (low + high + 1) // 2
             low, high = (middle, high) if count(middle) <= length else (low, middle - 1)
         (here / f"needle_{length}.txt").write_text(prompt(tokenizer, low, args.depth, key, value))
-        answers[str(length)] = {"key": key, "answer": value, "tokens": count(low), "depth": args.depth}
+        answers.append(f"{length}\t{count(low)}\t{args.depth}\t{key}\t{value}")
         print(f"needle_{length}.txt: {count(low)} tokens, {key} = {value}")
-    (here / "needle_answers.json").write_text(json.dumps(answers, indent=2) + "\n")
+    (here / "needle_answers.tsv").write_text("\n".join(answers) + "\n")
 
 
 if __name__ == "__main__":
