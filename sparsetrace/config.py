@@ -7,7 +7,7 @@ branch. Three defaults differ from the paper's (HiP's) estimator because they me
 the logsumexp of the scaled scores instead of their max, a beam of 2k branches in all rounds
 but the last, and scoring with every 8th query. On the default model (4k tokens of the built-in
 sample, all 30 layers; benchmarks/estimator_choice) that keeps 0.991 of the oracle's recall on
-average (worst layer 0.977) against 0.967 (worst 0.911) for the paper's settings, at 0.83x its
+average (worst layer 0.977) against 0.967 (worst 0.911) for the paper's settings, at 0.86x its
 estimator time.
 `StreamConfig(score="max", beam=k, query_stride=1)` is the paper's estimator.
 

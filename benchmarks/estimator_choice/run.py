@@ -19,12 +19,10 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsetrace import StreamConfig, load_model, select_blocks
 from sparsetrace.dense import dense_block_mass, oracle_selection, recall
+from sparsetrace.tracer import run_trace
 
 HERE = Path(__file__).parent
 TOKENS = 4096
@@ -41,23 +39,14 @@ VARIANTS = {
 }
 
 
-def capture_qk(model, ids) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Run the dense model once and keep each layer's (q, k, scaling)."""
+def capture_qk(model, tokenizer, ids) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Run the dense model once (a dense-forward trace) and keep each layer's (q, k, scaling)."""
     captured = {}
 
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        captured[module.layer_idx] = (query.clone(), key.clone(), kwargs.get("scaling"))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    def keep(record) -> None:
+        captured[record.layer] = (record.query, record.key, record.scaling)
 
-    AttentionInterface.register("capture_qk", capture)
-    AttentionMaskInterface.register("capture_qk", sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("capture_qk")
-    try:
-        with torch.inference_mode():
-            model(ids[None], use_cache=False, logits_to_keep=1)
-    finally:
-        model.set_attn_implementation(previous)
+    run_trace(model, tokenizer, ids, StreamConfig(), forward="dense", on_layer=keep, progress=False)
     return captured
 
 
@@ -68,7 +57,7 @@ def main() -> None:
     model, tokenizer = load_model()
     text = resources.files("sparsetrace").joinpath("data/sample.txt").read_text()
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0][:TOKENS]
-    captured = capture_qk(model, ids)
+    captured = capture_qk(model, tokenizer, ids)
     rows = {name: {"ratio": [], "seconds": []} for name in VARIANTS}
     oracle = []
     for layer, (q, k, scaling) in sorted(captured.items()):
