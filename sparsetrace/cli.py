@@ -182,11 +182,16 @@ def run_check(args: argparse.Namespace) -> None:
         f"(layer {worst})",
         f"sparsity     {report.stats['sparsity']:.1%} of causal token pairs pruned   compression "
         f"{report.stats['compression']:,.0f}x",
-        "layer        " + " ".join(f"{i:>5d}" for i in range(len(ratio))),
-        "recall       " + " ".join(f"{r:5.3f}" for r in report.recall),
-        "oracle       " + " ".join(f"{r:5.3f}" for r in report.oracle_recall),
-        "ratio        " + " ".join(f"{r:5.3f}" for r in ratio),
     ]
+    for first in range(0, len(ratio), 10):  # per-layer table, ten layers a line
+        layers = slice(first, first + 10)
+        lines += [
+            "",
+            "layer        " + " ".join(f"{i:>5d}" for i in range(len(ratio))[layers]),
+            "recall       " + " ".join(f"{r:5.3f}" for r in report.recall[layers]),
+            "oracle       " + " ".join(f"{r:5.3f}" for r in report.oracle_recall[layers]),
+            "ratio        " + " ".join(f"{r:5.3f}" for r in ratio[layers]),
+        ]
     print("\n".join(lines))
 
 
