@@ -44,15 +44,16 @@ K_MAX = 32  # min k is searched in 1..32 (32 selected + 2 forced blocks of 64 to
 BLOCK = 64
 
 
-def token_ids(tokenizer, text: str, length: int) -> torch.Tensor | None:
-    """The first `length` tokens of a benchmark text (None if it is shorter)."""
+def token_ids(tokenizer, text: str, length: int, context: int) -> torch.Tensor | None:
+    """The first `length` tokens of a benchmark text (None if it is shorter), cut to context - 1
+    so that the prompt and its first continuation token stay inside the model's trained context."""
     if text == "needle":
         path = TEXTS / f"needle_{length}.txt"
         return tokenizer(path.read_text(), return_tensors="pt")["input_ids"][0] if path.exists() else None
     files = {"natural": [Path(__file__).parents[2] / "sparsetrace/data/sample.txt", TEXTS / "natural_part2.txt"],
              "cot": [TEXTS / "cot.txt"]}[text]
     ids = tokenizer("\n\n".join(f.read_text() for f in files), return_tensors="pt")["input_ids"][0]
-    return ids[:length] if len(ids) >= length else None
+    return ids[: min(length, context - 1)] if len(ids) >= length else None
 
 
 def forced_only(tokens: int, config: StreamConfig, heads: int, window: int | None) -> torch.Tensor:
@@ -145,7 +146,7 @@ def main() -> None:
                 path = cells / f"{text}_{length}.json"
                 if path.exists():
                     continue
-                ids = token_ids(tokenizer, text, length)
+                ids = token_ids(tokenizer, text, length, model.config.max_position_embeddings)
                 if ids is None:
                     print(f"{text} has fewer than {length} tokens; skipped", flush=True)
                     continue
