@@ -2,7 +2,8 @@
 
 The model is asked to solve a multi-step problem step by step; when it stops, it is asked to check
 its work again in more detail, until the transcript (chat template included) reaches the target
-length. Sampled with a fixed seed so the file can be re-made exactly on the same software.
+length. Sampled with a fixed seed; even so, two runs here gave different texts (multi-threaded
+float sums can flip near-ties in sampling), so the committed cot.txt is the reference text.
 
     python benchmarks/texts/make_cot.py --tokens 8400 --seed 0
 """
