@@ -158,6 +158,7 @@ def run_trace(args: argparse.Namespace) -> None:
 
 def run_check(args: argparse.Namespace) -> None:
     from .fidelity import check
+    from .models import describe_model
 
     model, tokenizer, text, config = _prepare(args)
     report = check(model, tokenizer, text, config, n_match=args.n_match, **_input_options(args))
@@ -171,7 +172,7 @@ def run_check(args: argparse.Namespace) -> None:
         return " ".join(repr(tokenizer.decode([t])) for t in ids)
 
     lines = [
-        f"model        {describe(model)}   tokens {report.tokens:,}   k = {config.k}, blocks "
+        f"model        {describe_model(model)['name']}   tokens {report.tokens:,}   k = {config.k}, blocks "
         f"{config.block_q}/{config.block_k}",
         f"behaviour    next {len(report.continuation)} tokens kept: {'yes' if report.match else 'NO'}   "
         f"(dense {shown(report.continuation)}; sparse {shown(report.sparse_predictions)})",
@@ -241,11 +242,6 @@ def _prepare(args: argparse.Namespace):
 def _input_options(args: argparse.Namespace) -> dict:
     return {"max_tokens": args.max_tokens, "allow_long": args.allow_long,
             "progress": False if args.no_progress else None}
-
-
-def describe(model) -> str:
-    """The model's readable name."""
-    return model.config.name_or_path or type(model).__name__
 
 
 def _mean(values: list[float]) -> float:

@@ -115,7 +115,7 @@ def oracle_selection(mass: Tensor, config: StreamConfig, tokens: int, sliding_wi
     rank = torch.arange(best.indices.shape[-1], device=mass.device)
     chosen = torch.where((best.values >= 0) & (rank < budget[:, None]), best.indices, -1)
     chosen = torch.nn.functional.pad(chosen, (0, most - chosen.shape[-1]), value=-1)
-    scores = torch.full(chosen.shape, float("nan"))
+    scores = torch.full(chosen.shape, float("nan"), device=mass.device)
     return with_forced_blocks(chosen, scores, first, last, n_k, config)
 
 

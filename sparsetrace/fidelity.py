@@ -130,8 +130,10 @@ def greedy_continuation(model, ids: Tensor, n: int) -> tuple[Tensor, Tensor, Ten
     sequence = ids
     with torch.inference_mode():
         for step in range(n):
-            logits = model(input_ids=sequence[None].to(device), use_cache=False, logits_to_keep=step + 1).logits[0]
-            if step < n - 1:
+            last = step == n - 1  # the final pass also gives the logits of all n positions
+            logits = model(input_ids=sequence[None].to(device), use_cache=False,
+                           logits_to_keep=n if last else 1).logits[0]
+            if not last:
                 sequence = torch.cat([sequence, logits[-1:].argmax(-1).cpu()])
     logits = logits.float().cpu()
     return sequence, logits.argmax(-1), logits

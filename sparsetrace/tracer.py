@@ -181,17 +181,15 @@ def estimate_memory(model, tokens: int, config: StreamConfig, forward: str = "sp
     trace. A dense-forward trace adds the model's own attention mask (T^2 bytes on sliding-window
     layers) and one layer's dense block masses.
     """
-    text = model.config.get_text_config()
-    hidden = text.hidden_size
-    intermediate = getattr(text, "intermediate_size", 4 * hidden)
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    info = describe_model(model)
+    heads = info["num_heads"]
+    hidden = model.config.get_text_config().hidden_size
+    intermediate = getattr(model.config.get_text_config(), "intermediate_size", 4 * hidden)
     element = max(torch.finfo(p.dtype).bits // 8 for p in model.parameters() if p.is_floating_point())
-    per_token = 8 * hidden + 4 * intermediate + 4 * (heads + 2 * kv_heads) * head_dim
+    per_token = 8 * hidden + 4 * intermediate + 4 * (heads + 2 * info["num_kv_heads"]) * info["head_dim"]
     activations = tokens * per_token * element
     n_q = num_blocks(tokens, config.block_q)
-    stored = text.num_hidden_layers * heads * n_q * kept_width(tokens, config) * 8
+    stored = info["num_layers"] * heads * n_q * kept_width(tokens, config) * 8
     if forward == "dense":
         stored += tokens * tokens + 2 * heads * n_q * num_blocks(tokens, config.block_k) * 4
     return activations + stored + (512 << 20)
