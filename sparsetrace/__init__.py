@@ -6,6 +6,7 @@
 >>> tr.save("run.sptrace"); st.load_trace("run.sptrace").stats()    # doctest: +SKIP
 """
 
+from .analysis.routes import NeedleRoute, Route, flow_graph, needle_route, route
 from .block_attention import block_sparse_attention
 from .config import StreamConfig
 from .errors import (
@@ -19,6 +20,8 @@ from .errors import (
 from .fidelity import FidelityReport, MinKResult, check, min_k
 from .models import describe_model, load_model
 from .stream import Selection, select_blocks
+from .tasks.needle_runs import NiahRun, run_niah, sweep
+from .tasks.niah import NiahPrompt, niah_prompt
 from .trace import Trace, load_trace
 from .tracer import trace
 
@@ -29,6 +32,10 @@ __all__ = [
     "FidelityReport",
     "MinKResult",
     "InputError",
+    "NeedleRoute",
+    "NiahPrompt",
+    "NiahRun",
+    "Route",
     "MemoryRequestError",
     "Selection",
     "SparsetraceError",
@@ -40,9 +47,15 @@ __all__ = [
     "block_sparse_attention",
     "check",
     "describe_model",
+    "flow_graph",
     "load_model",
     "load_trace",
     "min_k",
+    "needle_route",
+    "niah_prompt",
+    "route",
+    "run_niah",
     "select_blocks",
+    "sweep",
     "trace",
 ]

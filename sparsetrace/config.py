@@ -27,7 +27,7 @@ PARTITIONS = ("row", "global")
 REPRESENTATIVES = ("block", "token")
 SCORES = ("max", "logsumexp")
 HEAD_SHARING = ("head", "kv_group")
-K_SCHEDULES = ("fixed", "log", "linear")
+K_SCHEDULES = ("fixed", "log", "linear", "mass")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,10 @@ class StreamConfig:
         k_schedule: "fixed" = k blocks for every query block (the paper); "log" / "linear" = the
             same total budget redistributed in proportion to log2(1 + candidates) / candidates, so
             later query blocks, which choose among more key blocks, keep more (the paper names
-            fixed k as its weakness on late needles). Needs partition="row".
+            fixed k as its weakness on late needles); "mass" = each row searches 2k candidates,
+            their attention mass among themselves is computed exactly, and per head the same
+            total goes to the candidates of largest mass over all rows (costs one extra pass of
+            query-key products over the candidates). All need partition="row".
     """
 
     k: int = 8

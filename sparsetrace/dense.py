@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .blocks import num_blocks, row_key_range, visible
 from .config import StreamConfig
-from .stream import Selection, row_budgets, with_forced_blocks
+from .stream import Selection, keep_largest_overall, row_budgets, with_forced_blocks
 
 # Score elements per (query chunk x key chunk) step: bounds the working memory (~64 MB fp32).
 _STEP_ELEMENTS = 1 << 24
@@ -99,7 +99,7 @@ def _masked_scores(
 def oracle_selection(mass: Tensor, config: StreamConfig, tokens: int, sliding_window: int | None = None) -> Selection:
     """The best possible selection of the same budget: the same forced (sink and local) blocks as
     Stream, plus each row's budget (k, or the k_schedule's) of searchable key blocks of largest
-    true mass.
+    true mass; for the "mass" schedule, the same total per head over all rows (at most 2k a row).
 
     Args:
         mass: float [B, H, n_q, n_k] from `dense_block_mass`.
@@ -116,7 +116,11 @@ def oracle_selection(mass: Tensor, config: StreamConfig, tokens: int, sliding_wi
     chosen = torch.where((best.values >= 0) & (rank < budget[:, None]), best.indices, -1)
     chosen = torch.nn.functional.pad(chosen, (0, most - chosen.shape[-1]), value=-1)
     scores = torch.full(chosen.shape, float("nan"), device=mass.device)
-    return with_forced_blocks(chosen, scores, first, last, n_k, config)
+    best_per_row = with_forced_blocks(chosen, scores, first, last, n_k, config)
+    if config.k_schedule != "mass":
+        return best_per_row
+    value = mass.gather(-1, best_per_row.indices.long().clamp(min=0))
+    return keep_largest_overall(best_per_row, value, first, last, n_k, config)
 
 
 def recall(indices: Tensor, mass: Tensor) -> Tensor:

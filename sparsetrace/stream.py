@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .block_attention import kept_block_mass
 from .blocks import gather_blocks, num_blocks, row_key_range, split_blocks, visible
 from .config import StreamConfig
 from .errors import InputError
@@ -132,9 +133,16 @@ def select_blocks(
     width = torch.cat(found_width, dim=2)[:, :, :n_q]
     score = torch.cat(found_score, dim=2)[:, :, :n_q]
     selected = torch.where(width == 1, start, -1)
-    if plan.rounds == 0:
-        score = torch.full_like(score, float("nan"))
-    return with_forced_blocks(selected, score, plan.first, plan.last, n_k, config)
+    score = torch.where(width == 1, score, float("nan"))  # padding: a branch beyond the row's budget
+    found = with_forced_blocks(selected, score, plan.first, plan.last, n_k, config)
+    if config.k_schedule != "mass":
+        return found
+    share = kept_block_mass(q, k, found.indices, block_q=config.block_q, block_k=config.block_k,
+                            scaling=scaling, sliding_window=sliding_window)
+    if config.head_sharing == "kv_group":
+        group = share.unflatten(1, (k.shape[1], heads // k.shape[1]))
+        share = group.mean(dim=2, keepdim=True).expand_as(group).flatten(1, 2)
+    return keep_largest_overall(found, share, plan.first, plan.last, n_k, config)
 
 
 @dataclass(frozen=True)
@@ -165,7 +173,8 @@ def _plan(tokens: int, config: StreamConfig, sliding_window: int | None, device:
     lo = torch.clamp(first, min=config.sinks)
     hi = last - config.local
     budget = row_budgets(tokens, config).to(device)
-    keep_beam = torch.clamp(budget * config.beam // config.k, min=budget)
+    searched_per_k = 2 if config.k_schedule == "mass" else 1  # "mass" searches 2k a row, with the same beam
+    keep_beam = torch.clamp(budget * config.beam // (searched_per_k * config.k), min=budget)
     start, width = _initial_branches(lo, hi, num_blocks(tokens, config.block_k), config, budget)
     widest = int(width.max()) if width.numel() else 0
     row_start = torch.arange(len(first), device=device) * config.block_q
@@ -206,12 +215,14 @@ def row_budgets(tokens: int, config: StreamConfig) -> Tensor:
     same total as "fixed", sum_i min(k, n_i) over rows with n_i causal candidates, redistributed in
     proportion to log2(1 + n_i) or to n_i (each row capped at n_i): later rows, which choose among
     more blocks, get more of the budget; "linear" keeps about the same fraction of every row.
+    "mass": 2k, the candidates each row searches for; `keep_largest_overall` then cuts the total
+    back to the fixed schedule's.
     Depends on T and the config only, so every layer (sliding or not) has the same budgets and
     the trace keeps one width, `kept_width`.
     """
     n_q = num_blocks(tokens, config.block_q)
-    if config.k_schedule == "fixed":
-        return torch.full((n_q,), config.k, dtype=torch.int64)
+    if config.k_schedule in ("fixed", "mass"):
+        return torch.full((n_q,), config.k * (2 if config.k_schedule == "mass" else 1), dtype=torch.int64)
     _, last = row_key_range(tokens, config.block_q, config.block_k, None)
     candidates = torch.clamp(last - config.local - config.sinks + 1, min=0).double()
     total = float(torch.clamp(candidates, max=config.k).sum())
@@ -225,6 +236,35 @@ def row_budgets(tokens: int, config: StreamConfig) -> Tensor:
         middle = (low + high) / 2
         low, high = (middle, high) if float(budgets(middle).sum()) <= total else (low, middle)
     return budgets(low).long()
+
+
+def keep_largest_overall(
+    candidates: Selection, value: Tensor, first: Tensor, last: Tensor, n_k: int, config: StreamConfig
+) -> Selection:
+    """The "mass" schedule's allocation: per head, the fixed schedule's total budget goes to the
+    searched candidates of largest `value` over all rows; forced blocks stay.
+
+    A row's recall grows by the mass of each block it keeps, so keeping the blocks of largest mass
+    across rows maximises the mean recall for the total (rows whose attention is spread out get
+    more blocks, rows that read one sink get fewer).
+
+    Args:
+        candidates: up to 2k searched blocks per row plus the forced ones (indices, scores [B, H, n_q, K]).
+        value: float [B, H, n_q, K] the attention mass of each candidate (its share of the row).
+        first, last: int [n_q] each row's visible key blocks (`row_key_range`).
+    """
+    idx = candidates.indices.long()
+    lo, hi = torch.clamp(first, min=config.sinks), last - config.local
+    searched = (idx >= lo[:, None]) & (idx <= hi[:, None])  # not padding, not a sink or local block
+    total = int(torch.clamp(hi - lo + 1, min=0, max=config.k).sum())  # the fixed schedule's budget
+    flat = value.masked_fill(~searched, float("-inf")).flatten(2)
+    best = flat.topk(min(total, flat.shape[-1]), dim=-1).indices
+    chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, best, True).view_as(searched) & searched
+    keep = chosen | (~searched & (idx >= 0))
+    indices = torch.where(keep, idx, -1)
+    order = torch.where(keep, idx, n_k).argsort(dim=-1, stable=True)
+    scores = torch.where(chosen, candidates.scores, float("nan"))
+    return Selection(indices.gather(-1, order).to(torch.int32), scores.gather(-1, order))
 
 
 def kept_width(tokens: int, config: StreamConfig) -> int:

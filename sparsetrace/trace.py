@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from torch import Tensor
 from .blocks import num_blocks, row_key_range
 from .config import StreamConfig
 from .errors import ConfigError, InputError, TraceFileError
+from .files import atomic_write
 from .stream import kept_width
 
 FORMAT = "sparsetrace"
@@ -240,24 +240,7 @@ class Trace:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "sha256": _checksum(tensors),
         }
-        data = safetensors.torch.save(tensors, metadata=metadata)
-        temporary = None
-        try:
-            fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-            os.replace(temporary, path)
-        except BaseException as exc:
-            if temporary is not None:
-                Path(temporary).unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise InputError(f"cannot save the trace to {path}: {exc.strerror or exc}; check free space "
-                                 "and permissions, or choose another path") from exc
-            raise
-        return path
+        return atomic_write(path, safetensors.torch.save(tensors, metadata=metadata), what="the trace")
 
     def __repr__(self) -> str:
         c = self._config
@@ -484,9 +467,3 @@ def _describe(x: Any) -> str:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:500]
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

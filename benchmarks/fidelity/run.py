@@ -38,8 +38,8 @@ from sparsetrace.tracer import run_trace
 HERE = Path(__file__).parent
 TEXTS = HERE.parent / "texts"
 K_VALUES = [1, 2, 4, 8, 16, 32]
-SCHEDULES = ["fixed", "log", "linear"]
-MIN_K_SCHEDULES = ["fixed", "log"]  # the binary search costs ~6 sparse traces per cell
+SCHEDULES = ["fixed", "log", "linear", "mass"]
+MIN_K_SCHEDULES = ["fixed", "log", "mass"]  # the binary search costs ~6 sparse traces per cell
 K_MAX = 32  # min k is searched in 1..32 (32 selected + 2 forced blocks of 64 tokens = 2,176 tokens a row)
 BLOCK = 64
 
@@ -63,8 +63,9 @@ def forced_only(tokens: int, config: StreamConfig, heads: int, window: int | Non
     return with_forced_blocks(empty, torch.zeros(empty.shape), first, last, int(last[-1]) + 1, config).indices
 
 
-def measure_cell(model, tokenizer, ids: torch.Tensor, tokens_label: str) -> dict:
-    started = time.perf_counter()
+def capture(model, tokenizer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The dense model's greedy 2-token continuation, and every layer's (q, k, scaling, window, block
+    mass) from one dense-forward trace of the prompt plus its first continuation token."""
     extended, continuation, _ = greedy_continuation(model, ids, 2)
     layers = {}
 
@@ -73,11 +74,15 @@ def measure_cell(model, tokenizer, ids: torch.Tensor, tokens_label: str) -> dict
                                 record.block_mass.cpu())
 
     run_trace(model, tokenizer, extended, StreamConfig(), forward="dense", on_layer=keep, progress=False)
-    tokens = len(extended)
+    return extended, continuation, layers
 
-    def mean_recall(configs_and_indices) -> list[float]:
-        return [float(layer_recall(idx, layers[layer][4], tokens, BLOCK).mean()) for layer, idx in configs_and_indices]
 
+def mean_recall(layers: dict, configs_and_indices, tokens: int) -> list[float]:
+    return [float(layer_recall(idx, layers[layer][4], tokens, BLOCK).mean()) for layer, idx in configs_and_indices]
+
+
+def measure_curves(layers: dict, tokens: int) -> dict:
+    """Recall vs k for the estimator, the oracle and sinks + local alone."""
     curves = {"estimator": {}, "oracle": {}}
     for k in K_VALUES:
         config = StreamConfig(k=k, block_size=BLOCK)
@@ -85,46 +90,102 @@ def measure_cell(model, tokenizer, ids: torch.Tensor, tokens_label: str) -> dict
         for layer, (q, key, scaling, window, mass) in sorted(layers.items()):
             estimated.append((layer, select_blocks(q, key, config, scaling=scaling, sliding_window=window).indices))
             best.append((layer, oracle_selection(mass, config, tokens, window).indices))
-        curves["estimator"][k] = mean_recall(estimated)
-        curves["oracle"][k] = mean_recall(best)
+        curves["estimator"][str(k)] = mean_recall(layers, estimated, tokens)
+        curves["oracle"][str(k)] = mean_recall(layers, best, tokens)
     heads = next(iter(layers.values()))[0].shape[1]
     curves["sinks+local only"] = mean_recall(
-        (layer, forced_only(tokens, StreamConfig(block_size=BLOCK), heads, window))
-        for layer, (_, _, _, window, _) in sorted(layers.items())
+        layers,
+        ((layer, forced_only(tokens, StreamConfig(block_size=BLOCK), heads, window))
+         for layer, (_, _, _, window, _) in sorted(layers.items())),
+        tokens,
     )
+    return curves
 
-    schedules = {}
-    for schedule in SCHEDULES:
-        config = StreamConfig(k=8, block_size=BLOCK, k_schedule=schedule)
-        estimated = [(layer, select_blocks(q, key, config, scaling=scaling, sliding_window=window).indices)
-                     for layer, (q, key, scaling, window, _) in sorted(layers.items())]
-        best = [(layer, oracle_selection(mass, config, tokens, window).indices)
-                for layer, (_, _, _, window, mass) in sorted(layers.items())]
-        sparse, logits = run_trace(model, tokenizer, extended, config, logits_to_keep=2, progress=False)
-        found = None
-        if schedule in MIN_K_SCHEDULES:
-            found = search_min_k(model, tokenizer, extended, continuation, config, k_max=K_MAX, progress=False)
-        schedules[schedule] = {
-            "recall": mean_recall(estimated),
-            "oracle_recall": mean_recall(best),
-            "kept_blocks": sparse.stats()["kept_blocks"],
-            "keeps_continuation_at_k8": bool(torch.equal(logits.argmax(-1), continuation)),
+
+def measure_schedule(model, tokenizer, extended, continuation, layers: dict, schedule: str) -> dict:
+    """Recall, oracle recall, estimator time, behaviour at k = 8 and min k for one k_schedule."""
+    tokens = len(extended)
+    config = StreamConfig(k=8, block_size=BLOCK, k_schedule=schedule)
+    estimated, seconds = [], 0.0
+    for layer, (q, key, scaling, window, _) in sorted(layers.items()):
+        started = time.perf_counter()
+        estimated.append((layer, select_blocks(q, key, config, scaling=scaling, sliding_window=window).indices))
+        seconds += time.perf_counter() - started
+    best = [(layer, oracle_selection(mass, config, tokens, window).indices)
+            for layer, (_, _, _, window, mass) in sorted(layers.items())]
+    sparse, logits = run_trace(model, tokenizer, extended, config, logits_to_keep=2, progress=False)
+    row = {
+        "recall": mean_recall(layers, estimated, tokens),
+        "oracle_recall": mean_recall(layers, best, tokens),
+        "estimator_seconds": round(seconds, 2),
+        "kept_blocks": sparse.stats()["kept_blocks"],
+        "keeps_continuation_at_k8": bool(torch.equal(logits.argmax(-1), continuation)),
+    }
+    if schedule in MIN_K_SCHEDULES:
+        found = search_min_k(model, tokenizer, extended, continuation, config, k_max=K_MAX, progress=False)
+        row |= {
+            "min_k": found.min_k,
+            "min_k_monotone": found.monotone_near_answer,
+            "tried": {str(k): v for k, v in sorted(found.passed.items())},
+            "stats_at_min_k": found.stats_at_min_k,
         }
-        if found is not None:
-            schedules[schedule] |= {
-                "min_k": found.min_k,
-                "min_k_monotone": found.monotone_near_answer,
-                "tried": {str(k): v for k, v in sorted(found.passed.items())},
-                "stats_at_min_k": found.stats_at_min_k,
-            }
-    return {
-        "tokens": tokens,
+    return row
+
+
+def measure_cell(model, tokenizer, ids: torch.Tensor, tokens_label: str, cached: dict | None) -> dict:
+    """One text x length; a cached cell only gets the schedules it lacks."""
+    started = time.perf_counter()
+    extended, continuation, layers = capture(model, tokenizer, ids)
+    cell = cached or {
+        "tokens": len(extended),
         "label": tokens_label,
         "continuation": tokenizer.decode(continuation),
-        "curves": {name: {str(k): v for k, v in c.items()} if isinstance(c, dict) else c for name, c in curves.items()},
-        "schedules": schedules,
-        "seconds": round(time.perf_counter() - started, 1),
+        "curves": measure_curves(layers, len(extended)),
+        "schedules": {},
     }
+    for schedule in SCHEDULES:
+        if schedule not in cell["schedules"]:
+            cell["schedules"][schedule] = measure_schedule(model, tokenizer, extended, continuation, layers, schedule)
+    cell["seconds"] = round(cell.get("seconds", 0) + time.perf_counter() - started, 1)
+    return cell
+
+
+def measure_cost(model, tokenizer, repeats: int = 3) -> dict:
+    """Estimator time of each k_schedule on the same q and k (the 4k needle prompt, all 30 layers):
+    schedules alternate within each repeat, medians reported."""
+    import statistics
+
+    ids = token_ids(tokenizer, "needle", 4096, model.config.max_position_embeddings)
+    _, _, layers = capture(model, tokenizer, ids)
+    seconds = {schedule: [] for schedule in SCHEDULES}
+    for _ in range(repeats):
+        for schedule in SCHEDULES:
+            config = StreamConfig(k=8, block_size=BLOCK, k_schedule=schedule)
+            started = time.perf_counter()
+            for q, key, scaling, window, _ in layers.values():
+                select_blocks(q, key, config, scaling=scaling, sliding_window=window)
+            seconds[schedule].append(time.perf_counter() - started)
+    median = {schedule: statistics.median(values) for schedule, values in seconds.items()}
+    return {"command": "python benchmarks/fidelity/run.py --cost", "tokens": len(ids), "repeats": repeats,
+            "seconds": seconds, "median_seconds": median,
+            "ratio_to_fixed": {schedule: median[schedule] / median["fixed"] for schedule in SCHEDULES}}
+
+
+def plot_cost(cost: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = list(cost["median_seconds"])
+    ax.bar(names, [cost["median_seconds"][n] for n in names], color="tab:blue")
+    for i, name in enumerate(names):
+        ax.text(i, cost["median_seconds"][name], f"{cost['ratio_to_fixed'][name]:.2f}x", ha="center", va="bottom")
+    ax.set(ylabel="seconds, 30 layers (median)",
+           title=f"Estimator time by k_schedule, {cost['tokens']:,} tokens, k = 8")
+    fig.tight_layout()
+    fig.savefig(HERE / "schedule_cost.png", dpi=120)
 
 
 def main() -> None:
@@ -133,7 +194,15 @@ def main() -> None:
     parser.add_argument("--texts", nargs="+", default=["needle", "natural", "cot"])
     parser.add_argument("--replot", action="store_true", help="redraw the PNGs from results.json")
     parser.add_argument("--tables", action="store_true", help="print the README's tables from results.json")
+    parser.add_argument("--cost", action="store_true", help="time the estimator per k_schedule (schedule_cost.*)")
     args = parser.parse_args()
+    if args.cost:
+        model, tokenizer = load_model()
+        cost = measure_cost(model, tokenizer)
+        (HERE / "schedule_cost.json").write_text(json.dumps(cost, indent=1) + "\n")
+        plot_cost(cost)
+        print(json.dumps(cost["ratio_to_fixed"]))
+        return
     if args.tables:
         print(tables(json.loads((HERE / "results.json").read_text())))
         return
@@ -144,13 +213,14 @@ def main() -> None:
         for length in args.lengths:
             for text in args.texts:
                 path = cells / f"{text}_{length}.json"
-                if path.exists():
+                cached = json.loads(path.read_text()) if path.exists() else None
+                if cached is not None and all(s in cached["schedules"] for s in SCHEDULES):
                     continue
                 ids = token_ids(tokenizer, text, length, model.config.max_position_embeddings)
                 if ids is None:
                     print(f"{text} has fewer than {length} tokens; skipped", flush=True)
                     continue
-                cell = measure_cell(model, tokenizer, ids, f"{text} {length}")
+                cell = measure_cell(model, tokenizer, ids, f"{text} {length}", cached)
                 temporary = path.with_suffix(".tmp")
                 temporary.write_text(json.dumps(cell, indent=1))
                 os.replace(temporary, path)
@@ -244,7 +314,7 @@ def plot(results: dict) -> None:
 
     fig, (ax_k, ax_recall) = plt.subplots(1, 2, figsize=(12, 4.2))
     for text, colour in zip(texts, ("tab:blue", "tab:green", "tab:red"), strict=False):
-        for schedule, marker in zip(SCHEDULES, ("o-", "s--", "^:"), strict=True):
+        for schedule, marker in zip(SCHEDULES, ("o-", "s--", "^:", "D-."), strict=True):
             points = [(length, cells[f"{text}_{length}"]["schedules"][schedule]) for length in lengths
                       if f"{text}_{length}" in cells]
             if schedule in MIN_K_SCHEDULES:

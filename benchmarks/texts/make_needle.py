@@ -1,9 +1,10 @@
 """Write needle_{length}.txt: RULER-style single-needle prompts (niah_single_1: noise haystack).
 
-Templates as in RULER's synthetic task config: a haystack of the noise sentences, one needle
-"One of the special magic numbers for {key} is: {value}." at the given depth, the question, the
-default model's chat template, and the answer prefix; the number of noise sentences is searched
-so that the prompt has the target length in tokens (default model's tokenizer).
+Templates as in RULER's synthetic task config (the library's, `sparsetrace.tasks.niah`): a
+haystack of the noise sentences, one needle "One of the special magic numbers for {key} is:
+{value}." at the given depth, the question, the default model's chat template, and the answer
+prefix; the number of noise sentences is searched so that the prompt has the target length in
+tokens (default model's tokenizer).
 
     python benchmarks/texts/make_needle.py --lengths 1024 2048 4096 8192 --depth 0.5 --seed 0
 """
@@ -13,15 +14,8 @@ import random
 from pathlib import Path
 
 from sparsetrace import load_model
+from sparsetrace.tasks.niah import ANSWER_PREFIX, NEEDLE, NOISE, TEMPLATE
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE = "One of the special magic numbers for {key} is: {value}."
-TEMPLATE = (
-    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the numbers afterwards.\n{context}\n"
-    "What is the special magic number for {key} mentioned in the provided text?"
-)
-ANSWER_PREFIX = " The special magic number for {key} mentioned in the provided text is"
 KEYS = ["silent-harbor", "amber-lantern", "northern-tide", "granite-step", "quiet-signal"]
 
 

@@ -35,6 +35,16 @@ def test_full_k_equals_the_models_own_attention(name):
     assert model.config._attn_implementation == "eager", "the model's attention is restored"
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_full_k_mass_schedule_equals_the_models_own_attention(name):
+    model = tiny_model(name)
+    ids = torch.randint(0, 97, (1, TOKENS), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(ids).logits
+    sparse = _sparse_logits(model, ids, StreamConfig(k=16, block_size=16, k_schedule="mass"))
+    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["mistral", "gemma3", "qwen2"])
 def test_sliding_layers_never_select_outside_their_window(name):
     model = tiny_model(name)

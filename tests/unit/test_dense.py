@@ -60,6 +60,23 @@ def test_oracle_recall_bounds_the_estimator_row_by_row(window, seed):
     assert float(best.mean()) > float(estimated.mean()) - 1e-6
 
 
+@pytest.mark.parametrize("window", [None, 60])
+@pytest.mark.parametrize("seed", range(3))
+def test_mass_schedule_oracle_bounds_the_estimator_per_head(window, seed):
+    """The oracle of the "mass" schedule (same per-head total, same 2k cap a row) keeps at least
+    the estimator's total recall, head by head (not row by row: the total moves between rows)."""
+    torch.manual_seed(seed)
+    q, k = torch.randn(1, 4, 333, 8) * 2, torch.randn(1, 2, 333, 8)
+    cfg = StreamConfig(k=3, block_size=16, k_schedule="mass")
+    mass = dense_block_mass(q, k, block_q=16, block_k=16, sliding_window=window)
+    estimated = recall(select_blocks(q, k, cfg, sliding_window=window).indices, mass).sum(-1)
+    best_selection = oracle_selection(mass, cfg, 333, window)
+    assert bool((recall(best_selection.indices, mass).sum(-1) >= estimated - 1e-5).all())
+    fixed_best = recall(oracle_selection(mass, StreamConfig(k=3, block_size=16), 333, window).indices, mass)
+    assert bool((recall(best_selection.indices, mass).sum(-1) >= fixed_best.sum(-1) - 1e-5).all()), \
+        "moving the budget between rows never loses (the fixed oracle is one allocation)"
+
+
 def test_oracle_keeps_forced_blocks_and_the_true_top_k():
     torch.manual_seed(2)
     q, k = torch.randn(1, 2, 160, 8), torch.randn(1, 1, 160, 8)

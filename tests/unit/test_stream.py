@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from reference import dense_attention, kept_token_mask
 
 from sparsetrace import stream
 from sparsetrace.blocks import row_key_range
@@ -157,9 +158,10 @@ def test_properties(partition, window, tokens):
                 assert len(kept) == forced + min(cfg.k, searchable), "exactly min(k, available) selected"
 
 
-def test_full_k_keeps_every_visible_block():
+@pytest.mark.parametrize("schedule", ["fixed", "log", "mass"])
+def test_full_k_keeps_every_visible_block(schedule):
     q, k = torch.randn(1, 2, 130, 8), torch.randn(1, 1, 130, 8)
-    sel = select_blocks(q, k, StreamConfig(k=50, block_size=16), sliding_window=40)
+    sel = select_blocks(q, k, StreamConfig(k=50, block_size=16, k_schedule=schedule), sliding_window=40)
     first, last = row_key_range(130, 16, 16, 40)
     for i in range(sel.indices.shape[2]):
         kept = [j for j in sel.indices[0, 0, i].tolist() if j >= 0]
@@ -210,3 +212,58 @@ def test_variable_schedules_keep_the_total_and_favour_later_rows(tokens, k, sche
     assert bool((log[1:] >= log[:-1]).all()), "rows with more candidates never get less"
     if tokens >= 4096 and k > 1:
         assert int(log[-1]) > k, "the last rows get more than k"
+
+
+def reference_mass_schedule(q, k, cfg, window):
+    """The "mass" schedule written out: 2k candidates a row (a fixed search), their mass under
+    attention restricted to them (plain dense softmax), then the fixed total per head to the
+    candidates of largest mass over all rows, by sorting a Python list."""
+    tokens = q.shape[2]
+    search = StreamConfig(k=2 * cfg.k, block_size=cfg.block_q, beam=max(cfg.beam, 2 * cfg.k),
+                          query_stride=cfg.query_stride, head_sharing=cfg.head_sharing)
+    candidates = select_blocks(q, k, search, sliding_window=window).indices
+    allowed = kept_token_mask(candidates, tokens, cfg.block_q, cfg.block_k)
+    _, probs = dense_attention(q, k, torch.zeros_like(k), sliding_window=window, allowed=allowed)
+    first, last = row_key_range(tokens, cfg.block_q, cfg.block_k, window)
+    searchable = [max(int(hi) - cfg.local - max(int(lo), cfg.sinks) + 1, 0) for lo, hi in zip(first, last, strict=True)]
+    total = sum(min(cfg.k, n) for n in searchable)
+    kept = set()
+    for h in range(q.shape[1]):
+        ranked = []
+        for i in range(candidates.shape[2]):
+            queries = slice(i * cfg.block_q, min((i + 1) * cfg.block_q, tokens))
+            for j in candidates[0, h, i].tolist():
+                forced = j < cfg.sinks or j > int(last[i]) - cfg.local
+                if j >= 0 and forced:
+                    kept.add((h, i, j))
+                elif j >= 0:
+                    keys = slice(j * cfg.block_k, (j + 1) * cfg.block_k)
+                    ranked.append((-float(probs[0, h, queries, keys].sum(-1).mean()), i, j))
+        kept |= {(h, i, j) for _, i, j in sorted(ranked)[:total]}
+    return kept, total
+
+
+@pytest.mark.parametrize("window", [None, 70])
+@pytest.mark.parametrize("seed", range(3))
+def test_mass_schedule_matches_plain_reference(window, seed):
+    torch.manual_seed(seed)
+    q, k = torch.randn(1, 4, 200, 8, dtype=torch.float64) * 2, torch.randn(1, 2, 200, 8, dtype=torch.float64)
+    cfg = StreamConfig(k=2, block_size=16, k_schedule="mass")
+    sel = select_blocks(q, k, cfg, sliding_window=window)
+    got = {(h, i, j) for h in range(4) for i in range(sel.indices.shape[2]) for j in sel.indices[0, h, i].tolist()
+           if j >= 0}
+    expected, total = reference_mass_schedule(q, k, cfg, window)
+    assert got == expected
+    first, last = row_key_range(200, 16, 16, window)
+    searched = (sel.indices >= torch.clamp(first, min=1)[:, None]) & (sel.indices < last[:, None])
+    assert searched.sum(dim=(0, 2, 3)).tolist() == [total] * 4, "every head keeps the fixed schedule's total"
+    assert int(searched.sum(-1).max()) > cfg.k, "some row keeps more than k"
+    assert sel.indices.shape[-1] == kept_width(200, cfg) == 1 + 2 * cfg.k + 1
+
+
+def test_mass_schedule_with_kv_group_sharing_gives_one_mask_per_group():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 6, 200, 8), torch.randn(1, 2, 200, 8)
+    idx = select_blocks(q, k, StreamConfig(k=2, block_size=16, head_sharing="kv_group", k_schedule="mass")).indices
+    assert torch.equal(idx[:, 0], idx[:, 1]) and torch.equal(idx[:, 0], idx[:, 2])
+    assert torch.equal(idx[:, 3], idx[:, 5])

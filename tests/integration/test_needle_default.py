@@ -1,0 +1,21 @@
+"""Needle in a haystack on the real default model: it finds the needle, and the trace shows how."""
+
+import pytest
+
+from sparsetrace import StreamConfig
+from sparsetrace.tasks.needle_runs import run_niah
+from sparsetrace.tasks.niah import niah_prompt
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_answer_block_reads_the_needle(default_model):
+    model, tokenizer = default_model
+    prompt = niah_prompt(tokenizer, 1024, 0.5, seed=0)
+    assert prompt.num_tokens <= 1024 and tokenizer.decode(prompt.token_ids[slice(*prompt.needle_tokens)]).strip() \
+        == f"One of the special magic numbers for {prompt.key} is: {prompt.answer}."
+    run = run_niah(model, tokenizer, prompt, StreamConfig(), k=16, progress=False)
+    assert run.answer.correct, f"the default model retrieves the needle at 1k tokens (said {run.answer.text!r})"
+    assert run.answer_kept, "k = 16 of 16 candidate blocks keeps the whole answer"
+    assert run.route.route.connected
+    assert run.route.readers.max() > 0.1, "some head of the answer block puts >10% of its attention on the needle"
