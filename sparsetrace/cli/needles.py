@@ -1,0 +1,143 @@
+"""`sparsetrace niah` and `sparsetrace sweep`: needle-in-a-haystack routes, one prompt or a length x depth grid."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import InputError
+from .common import add_run_arguments, load, output_folder, progress, read_text_file, stream_config, subcommand
+
+NIAH_EXAMPLES = """examples:
+  sparsetrace niah -o niah/                             # 4k tokens, needle at depth 0.5, k = auto
+  sparsetrace niah --length 2048 --depth 0.9 --k 8 -o late/
+  sparsetrace niah --haystack essay.txt --length 8192 --k-schedule mass -o essay/
+"""
+
+SWEEP_EXAMPLES = """examples:
+  sparsetrace sweep --lengths 1024 2048 --depths 0.1 0.5 0.9 -o sweep/
+  sparsetrace sweep -o sweep/          # 1k-8k x 5 depths; run it again to resume
+"""
+
+
+def register(sub) -> None:
+    niah = subcommand(
+        sub, "niah", run_niah, NIAH_EXAMPLES,
+        help="needle in a haystack: the dense answer, min k, and the route from needle to answer",
+        description="Build a RULER-style single-needle prompt (noise haystack, 7-digit value), get the dense model's "
+        "answer, trace it (with --k auto: the smallest k that keeps the whole answer) and draw the route the needle "
+        "takes to the answer through the layers, with the heads that read it.",
+    )
+    niah.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default 4096)")
+    niah.add_argument("--depth", type=float, default=0.5, help="needle position, 0 = start .. 1 = end (default 0.5)")
+    niah.add_argument("--k", dest="needle_k", default="auto",
+                      help="key blocks per query block, or auto (default): the smallest k that keeps the dense answer")
+    niah.add_argument("-o", "--output", required=True, help="folder for niah.json, route.png, needle_heads.png, "
+                      "trace.sptrace (created if missing)")
+    _add_needle_arguments(niah)
+    add_run_arguments(niah, with_k=False, input_options=False)
+
+    sweep = subcommand(
+        sub, "sweep", run_sweep, SWEEP_EXAMPLES,
+        help="needle sweep over lengths x depths: correctness, min k, sparsity, routes",
+        description="For every length x depth: the dense answer's correctness, the smallest k that keeps it, the "
+        "kept fraction and compression there, and whether a route joins needle and answer; heatmaps of each. "
+        "Resumable: finished cells (DIR/cells/) are kept and skipped.",
+    )
+    sweep.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
+    sweep.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths")
+    sweep.add_argument("-o", "--output", required=True, help="folder for sweep.json, sweep.png and cells/")
+    _add_needle_arguments(sweep)
+    add_run_arguments(sweep, with_k=False, input_options=False)
+
+
+def _add_needle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="chooses the needle's key and value (default 0)")
+    parser.add_argument("--haystack", default=None, help="text file whose sentences replace RULER's noise haystack")
+    parser.add_argument("--no-chat-template", action="store_true", help="plain prompt even if the model has a "
+                        "chat template (base models)")
+    parser.add_argument("--k-max", type=int, default=None, help="largest k the min-k search tries (default: all)")
+    parser.add_argument("--threshold", type=float, default=None, help="smallest needle flow a route edge carries "
+                        "(default 0.05: mass x the share of the needle its source block holds)")
+
+
+def run_niah(args: argparse.Namespace) -> None:
+    from ..tasks.needle_runs import run_niah as run
+    from ..tasks.needle_runs import save_niah
+    from ..tasks.niah import niah_prompt
+
+    k, threshold = _needle_k(args.needle_k), _threshold(args)
+    config, haystack = stream_config(args), _haystack(args.haystack)
+    folder = output_folder(args.output)
+    model, tokenizer = load(args)
+    prompt = niah_prompt(tokenizer, args.length, args.depth, seed=args.seed, haystack=haystack,
+                         chat_template=False if args.no_chat_template else None)
+    result = run(model, tokenizer, prompt, config, k=k, k_max=args.k_max, allow_long=args.allow_long,
+                 progress=progress(args), **threshold)
+    paths = save_niah(result, tokenizer, folder)
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary | {"files": paths}, indent=2))
+        return
+    route = summary["route"]
+    readers = sorted(((m, int(layer), h) for layer, heads in route["heads_reading_needle"].items() for h, m in heads),
+                     reverse=True)[:5]
+    lines = [
+        f"prompt       {prompt.num_tokens:,} tokens, needle {prompt.key} = {prompt.answer} at depth {prompt.depth} "
+        f"(tokens {prompt.needle_tokens[0]}-{prompt.needle_tokens[1]}, blocks {route['needle_blocks']})",
+        f"dense answer {result.answer.text!r}: {'right' if result.answer.correct else 'WRONG'}",
+        f"trace        k = {result.k}" + (" (smallest k that keeps the answer)" if summary["min_k"] is not None else
+                                         " (no k up to k-max keeps the answer)" if k == "auto" else "")
+        + f": answer {'kept' if result.answer_kept else 'LOST'} by the sparse model; kept "
+        f"{summary['kept_fraction']:.1%} of token pairs, compression {summary['compression']:,.0f}x",
+        f"route        needle -> answer {'connected' if route['connected'] else 'NOT connected'}: "
+        f"{len(route['route_attention_edges'])} attention edges carry >= {route['threshold']} of the needle",
+        "readers      " + (", ".join(f"layer {layer} head {h} ({m:.2f})" for m, layer, h in readers) or "none")
+        + "  (mass the answer block puts on the needle)",
+        f"wrote        {paths['route']} (the route), {paths['heads']}, {paths['json']}, {paths['trace']}",
+    ]
+    print("\n".join(lines))
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    from ..tasks.needle_runs import sweep
+
+    config, haystack, threshold = stream_config(args), _haystack(args.haystack), _threshold(args)
+    if any(not 0 <= d <= 1 for d in args.depths):
+        raise InputError(f"depths {args.depths} must lie in [0, 1]; 0 puts the needle first, 1 last")
+    folder = output_folder(args.output)
+    model, tokenizer = load(args)
+
+    def report(cell: dict) -> None:
+        if not args.json:
+            print(f"length {cell['length']:>6}  depth {cell['depth']:.2f}: answer {cell['dense_answer']!r} "
+                  f"({'right' if cell['correct'] else 'wrong'}), min k {cell['min_k']}, route "
+                  f"{'connected' if cell['connected'] else 'not connected'}  ({cell['seconds']:.0f} s)", flush=True)
+
+    cells = sweep(model, tokenizer, args.lengths, args.depths, folder, config, seed=args.seed, k_max=args.k_max,
+                  haystack=haystack, chat_template=False if args.no_chat_template else None,
+                  allow_long=args.allow_long, progress=progress(args), on_cell=report, **threshold)
+    if args.json:
+        print(json.dumps(cells, indent=2))
+    else:
+        print(f"wrote        {folder / 'sweep.png'}, {folder / 'sweep.json'} ({len(cells)} cells)")
+
+
+def _needle_k(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"--k {value}: use a positive number of key blocks or auto")
+    return int(value)
+
+
+def _threshold(args: argparse.Namespace) -> dict:
+    if args.threshold is None:
+        return {}
+    if not 0 <= args.threshold <= 1:
+        raise InputError(f"--threshold {args.threshold}: a flow is a share of attention; use a value in [0, 1]")
+    return {"threshold": args.threshold}
+
+
+def _haystack(path: str | None) -> str | None:
+    return None if path is None else read_text_file(path)
