@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -67,6 +68,9 @@ class LayerRecord:
 
 
 LayerCallback = Callable[[LayerRecord], None]
+# (layer, first query block of the chunk, probs [B, H, c, block_q, K * block_k], indices [B, H, c, K]):
+# see `block_attention`'s module docstring.
+ProbabilityCallback = Callable[[int, int, Tensor, Tensor], None]
 
 
 @dataclass
@@ -75,6 +79,7 @@ class _Run:
     on_layer: LayerCallback
     forward: str
     original: str  # the model's own attention implementation
+    on_probabilities: ProbabilityCallback | None = None
 
 
 _ACTIVE: ContextVar[_Run | None] = ContextVar("sparsetrace_run", default=None)
@@ -114,9 +119,10 @@ def stream_attention_forward(
     config = run.config
     selection = select_blocks(query, key, config, scaling=scaling, sliding_window=sliding_window)
     if run.forward == "sparse":
+        hook = None if run.on_probabilities is None else partial(run.on_probabilities, module.layer_idx)
         out, mass = block_sparse_attention(
             query, key, value, selection.indices, block_q=config.block_q, block_k=config.block_k,
-            scaling=scaling, sliding_window=sliding_window, softcap=softcap,
+            scaling=scaling, sliding_window=sliding_window, softcap=softcap, on_probabilities=hook,
         )
         run.on_layer(LayerRecord(module.layer_idx, selection, mass, None, query, key, scaling, sliding_window))
         return out.transpose(1, 2).contiguous(), None
@@ -196,22 +202,32 @@ def check_supported(model: PreTrainedModel) -> None:
 
 @contextmanager
 def sparse_attention(
-    model: PreTrainedModel, config: StreamConfig, on_layer: LayerCallback, forward: str = "sparse"
+    model: PreTrainedModel,
+    config: StreamConfig,
+    on_layer: LayerCallback,
+    forward: str = "sparse",
+    on_probabilities: ProbabilityCallback | None = None,
 ) -> Iterator[None]:
     """Run `model` on Stream sparse attention inside the block; restore its attention after.
 
     `on_layer(record)` receives a `LayerRecord` once per attention layer per forward pass. With
     forward="dense" the blocks are still selected and measured, but the model keeps its own
     dense attention output (so the selection is measured on the unmodified model's q and k).
+    `on_probabilities(layer, rows, probs, indices)`, if given, sees every query chunk's
+    probabilities over its kept keys (forward="sparse" only: a dense forward has no sparse
+    probabilities; for dense values trace with k covering every block, which equals dense attention).
     """
     if forward not in FORWARDS:
         raise InputError(f"forward={forward!r}; use 'sparse' (the model runs on the kept blocks) or 'dense'")
+    if on_probabilities is not None and forward != "sparse":
+        raise InputError("probability reducers (e.g. sentence attention) run on the sparse forward only; use "
+                         "forward='sparse' (for dense values: a k that covers every key block)")
     check_supported(model)
     previous = model.config._attn_implementation
     if forward == "dense" and previous not in AttentionMaskInterface._global_mapping:
         raise UnsupportedModelError(f"forward='dense' needs one of transformers' own attention implementations, "
                                     f"not {previous!r}; load the model with attn_implementation='sdpa'")
-    token = _ACTIVE.set(_Run(config, on_layer, forward, previous))
+    token = _ACTIVE.set(_Run(config, on_layer, forward, previous, on_probabilities))
     try:
         model.set_attn_implementation(ATTENTION_NAME)
         if model.config._attn_implementation != ATTENTION_NAME:

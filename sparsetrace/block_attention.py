@@ -6,12 +6,21 @@ same probabilities give the attention **mass** of each kept block: the mean over
 block's tokens of the probability summed over the block's keys. One computation yields both,
 so a trace costs no second pass.
 
+An optional `on_probabilities(rows, probs, indices)` hook sees every chunk's probabilities over
+its kept keys before they are reduced (e.g. to sum them per sentence, `analysis.anchors`): rows is
+the chunk's first query block, probs float32 [B, H, c, block_q, K * block_k] (key slot
+k * block_k + a is token indices[..., k] * block_k + a; padded queries and slots are included,
+masked keys have probability 0), indices int64 [B, H, c, K] (-1 = none). Without a hook nothing
+extra runs.
+
 Query blocks are processed in chunks so the working memory is bounded: for a chunk of c query
 blocks the score tensor is [B, H, c, block_q, K, block_k], never T x T. A query that sees none
 of its kept keys (possible only with block_q > block_k and no local block) gets a zero output.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -49,6 +58,7 @@ def block_sparse_attention(
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    on_probabilities: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """Softmax attention over the kept key blocks only.
 
@@ -61,6 +71,7 @@ def block_sparse_attention(
         scaling: score scale (default d ** -0.5).
         sliding_window: keys s visible to query t satisfy t - w < s <= t (None: s <= t).
         softcap: logit soft-capping, cap * tanh(score / cap) (Gemma 2).
+        on_probabilities: optional hook called once per query chunk (see the module docstring).
     Returns:
         out: [B, H, T, d_v] in q's dtype (None without v).
         mass: float32 [B, H, n_q, K], 0 where the index is -1.
@@ -94,6 +105,8 @@ def block_sparse_attention(
             seen = seen & (offset > gap - sliding_window)
         scores = scores.view(batch, heads, c, block_q, kept, block_k).masked_fill_(~seen, float("-inf"))
         probs = torch.softmax(scores.flatten(-2), dim=-1).nan_to_num_(0.0)  # a query may see no kept key
+        if on_probabilities is not None:
+            on_probabilities(rows, probs, idx)
         if value_blocks is not None:
             values = gather_blocks(value_blocks, safe, heads).flatten(3, 4)
             outputs.append(torch.matmul(probs.to(values.dtype), values))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .backend import LayerCallback, LayerRecord, sparse_attention
+from .backend import LayerCallback, LayerRecord, ProbabilityCallback, sparse_attention
 from .blocks import num_blocks
 from .config import StreamConfig
 from .errors import InputError, MemoryRequestError, UnsupportedModelError
@@ -97,6 +97,7 @@ def run_trace(
     logits_to_keep: int = 1,
     progress: bool | None = None,
     on_layer: LayerCallback | None = None,
+    on_probabilities: ProbabilityCallback | None = None,
 ) -> tuple[Trace, Tensor]:
     """One traced forward pass over checked token ids (see `prepare_input`).
 
@@ -104,6 +105,8 @@ def run_trace(
         ids: int64 [T].
         logits_to_keep: how many final positions' logits to return.
         on_layer: also called with every layer's `LayerRecord` (e.g. to keep dense block masses).
+        on_probabilities: a reducer of every query chunk's kept-key probabilities, as
+            `backend.sparse_attention` (e.g. `analysis.anchors.UnitAttention`); forward="sparse" only.
     Returns:
         the `Trace`, and float32 [logits_to_keep, vocab] logits of the last positions.
     """
@@ -123,7 +126,8 @@ def run_trace(
 
     device = model.get_input_embeddings().weight.device
     started = time.perf_counter()
-    with bar, sparse_attention(model, config, record, forward=forward), torch.inference_mode():
+    switched = sparse_attention(model, config, record, forward=forward, on_probabilities=on_probabilities)
+    with bar, switched, torch.inference_mode():
         output = model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=logits_to_keep)
     seconds = time.perf_counter() - started
     missing = [layer for layer, x in enumerate(indices) if x is None]

@@ -2,7 +2,8 @@
 
 The model is asked to solve a multi-step problem step by step; when it stops, it is asked to check
 its work again in more detail, until the transcript (chat template included) reaches the target
-length. Sampled with a fixed seed; even so, two runs here gave different texts (multi-threaded
+length (`sparsetrace.generation.generate_reasoning`, the code of `sparsetrace anchors --generate`).
+Sampled with a fixed seed; even so, two runs here gave different texts (multi-threaded
 float sums can flip near-ties in sampling), so the committed cot.txt is the reference text.
 
     python benchmarks/texts/make_cot.py --tokens 8400 --seed 0
@@ -11,9 +12,8 @@ float sums can flip near-ties in sampling), so the committed cot.txt is the refe
 import argparse
 from pathlib import Path
 
-import torch
-
 from sparsetrace import load_model
+from sparsetrace.generation import generate_reasoning
 
 PROBLEM = (
     "A lighthouse keeper must carry oil up a tower of 148 steps. Each trip up and down takes 6 minutes, "
@@ -31,23 +31,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model, tokenizer = load_model()
-    torch.manual_seed(args.seed)
-    messages = [{"role": "user", "content": PROBLEM}]
-    while True:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
-        room = args.tokens - ids.shape[1]
-        if room < 64:
-            break
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=min(room, 1500), do_sample=True, temperature=0.7, top_p=0.9,
-                                 repetition_penalty=1.1, pad_token_id=tokenizer.eos_token_id)
-        reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": FOLLOW_UP}]
-        print(f"{ids.shape[1] + out.shape[1] - ids.shape[1]:,} tokens so far", flush=True)
-    text = tokenizer.apply_chat_template(messages[:-1], tokenize=False)
-    (Path(__file__).parent / "cot.txt").write_text(text)
-    print(f"wrote cot.txt: {len(tokenizer(text)['input_ids']):,} tokens")
+    generation = generate_reasoning(model, tokenizer, PROBLEM, max_new_tokens=1500, temperature=0.7, top_p=0.9,
+                                    repetition_penalty=1.1, seed=args.seed, follow_up=FOLLOW_UP,
+                                    min_tokens=args.tokens)
+    (Path(__file__).parent / "cot.txt").write_text(generation.text)
+    print(f"wrote cot.txt: {len(tokenizer(generation.text)['input_ids']):,} tokens")
 
 
 if __name__ == "__main__":
