@@ -153,35 +153,41 @@ def sweep(
     on_cell=None,
 ) -> list[dict[str, Any]]:
     """Every length x depth cell: correctness, min k, kept fraction, compression, route. Resumable:
-    each finished cell is written to folder/cells/ atomically and skipped next time."""
+    each finished cell is written to folder/cells/ atomically and skipped next time, and sweep.json
+    and sweep.png are rewritten after every cell, so an interrupted sweep leaves what it finished."""
     import json
 
     from ..plots import sweep_figure
 
     cells_dir = Path(folder) / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    cells = []
-    for length in lengths:
-        for depth in depths:
-            path = cells_dir / f"{length}_{depth}.json"
-            if path.exists():
-                cells.append(json.loads(path.read_text()))
-                continue
-            prompt = niah_prompt(tokenizer, length, depth, seed=seed, haystack=haystack, chat_template=chat_template)
-            run = run_niah(model, tokenizer, prompt, config, k="auto", k_max=k_max, threshold=threshold,
-                           allow_long=allow_long, progress=progress)
-            summary = run.summary()
-            cell = {"length": length, "depth": depth, "tokens": prompt.num_tokens, "correct": run.answer.correct,
-                    "dense_answer": run.answer.text, "expected": prompt.answer, "min_k": summary["min_k"],
-                    "kept_fraction": summary["kept_fraction"], "compression": summary["compression"],
-                    "connected": run.route.route.connected, "answer_kept": run.answer_kept,
-                    "needle_blocks": run.route.needle_blocks, "seconds": summary["seconds"]}
-            write_json(path, cell)
-            cells.append(cell)
-            if on_cell is not None:
-                on_cell(cell)
     config = config or StreamConfig()
-    write_json(Path(folder) / "sweep.json", {"config": config.to_dict(), "seed": seed, "threshold": threshold,
-                                             "cells": cells})
-    save_figure(sweep_figure(cells, lengths, depths, SWEEP_PANELS), Path(folder) / "sweep.png")
-    return cells
+    grid = [(length, depth, cells_dir / f"{length}_{depth}.json") for length in lengths for depth in depths]
+    done = {(length, depth): json.loads(path.read_text()) for length, depth, path in grid if path.exists()}
+
+    def write_summary() -> list[dict[str, Any]]:
+        cells = [done[length, depth] for length, depth, _ in grid if (length, depth) in done]
+        write_json(Path(folder) / "sweep.json", {"config": config.to_dict(), "seed": seed, "threshold": threshold,
+                                                 "cells": cells})
+        save_figure(sweep_figure(cells, lengths, depths, SWEEP_PANELS), Path(folder) / "sweep.png")
+        return cells
+
+    for length, depth, path in grid:
+        if (length, depth) in done:
+            continue
+        write_summary()  # what is finished so far, before the long work of a new cell
+        prompt = niah_prompt(tokenizer, length, depth, seed=seed, haystack=haystack, chat_template=chat_template)
+        run = run_niah(model, tokenizer, prompt, config, k="auto", k_max=k_max, threshold=threshold,
+                       allow_long=allow_long, progress=progress)
+        summary = run.summary()
+        cell = {"length": length, "depth": depth, "tokens": prompt.num_tokens, "correct": run.answer.correct,
+                "dense_answer": run.answer.text, "expected": prompt.answer, "min_k": summary["min_k"],
+                "kept_fraction": summary["kept_fraction"], "compression": summary["compression"],
+                "connected": run.route.route.connected, "answer_kept": run.answer_kept,
+                "needle_blocks": run.route.needle_blocks, "seconds": summary["seconds"]}
+        write_json(path, cell)
+        done[length, depth] = cell
+        write_summary()
+        if on_cell is not None:
+            on_cell(cell)
+    return write_summary()

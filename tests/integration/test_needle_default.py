@@ -19,3 +19,13 @@ def test_the_answer_block_reads_the_needle(default_model):
     assert run.answer_kept, "k = 16 of 16 candidate blocks keeps the whole answer"
     assert run.route.route.connected
     assert run.route.readers.max() > 0.1, "some head of the answer block puts >10% of its attention on the needle"
+
+
+def test_min_k_keeps_the_whole_answer_and_one_less_does_not(default_model):
+    model, tokenizer = default_model
+    prompt = niah_prompt(tokenizer, 1024, 0.9, seed=1)
+    run = run_niah(model, tokenizer, prompt, StreamConfig(), k="auto", progress=False)
+    assert run.answer.correct and run.answer_kept and run.k == run.min_k.min_k
+    assert run.min_k.passed[run.k] and (run.k == 1 or not run.min_k.passed[run.k - 1])
+    assert any(u[0] == 0 and u[1] in run.route.needle_blocks for u, _ in run.route.route.graph.edges), \
+        "the route starts at the needle's blocks"

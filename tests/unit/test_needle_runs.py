@@ -48,6 +48,17 @@ def test_sweep_is_resumable(model, tiny_tokenizer, tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_interrupted_sweep_leaves_its_finished_cells_summarised(model, tiny_tokenizer, tmp_path):
+    def stop_after_first(cell: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(model, tiny_tokenizer, [500, 650], [0.2], tmp_path, CONFIG, progress=False, on_cell=stop_after_first)
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(c["length"], c["depth"]) for c in summary["cells"]] == [(500, 0.2)]
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory, tiny_tokenizer, model):
     folder = tmp_path_factory.mktemp("tiny-llama")
