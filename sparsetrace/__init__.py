@@ -6,7 +6,9 @@
 >>> tr.save("run.sptrace"); st.load_trace("run.sptrace").stats()    # doctest: +SKIP
 """
 
+from .analysis.flow import Flow, flow
 from .analysis.routes import NeedleRoute, Route, flow_graph, needle_route, route
+from .analysis.salience import Salience, salience
 from .block_attention import block_sparse_attention
 from .config import StreamConfig
 from .errors import (
@@ -18,8 +20,10 @@ from .errors import (
     UnsupportedModelError,
 )
 from .fidelity import FidelityReport, MinKResult, check, min_k
-from .models import describe_model, load_model
+from .models import describe_model, load_model, load_tokenizer
+from .report import build_report, report
 from .stream import Selection, select_blocks
+from .tasks.anchor_runs import AnchorsResult, AnchorText, anchors
 from .tasks.needle_runs import NiahRun, run_niah, sweep
 from .tasks.niah import NiahPrompt, niah_prompt
 from .trace import Trace, load_trace
@@ -28,8 +32,12 @@ from .tracer import trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnchorText",
+    "AnchorsResult",
+    "anchors",
     "ConfigError",
     "FidelityReport",
+    "Flow",
     "MinKResult",
     "InputError",
     "NeedleRoute",
@@ -37,6 +45,7 @@ __all__ = [
     "NiahRun",
     "Route",
     "MemoryRequestError",
+    "Salience",
     "Selection",
     "SparsetraceError",
     "StreamConfig",
@@ -45,16 +54,21 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "block_sparse_attention",
+    "build_report",
     "check",
     "describe_model",
+    "flow",
     "flow_graph",
     "load_model",
+    "load_tokenizer",
     "load_trace",
     "min_k",
     "needle_route",
     "niah_prompt",
+    "report",
     "route",
     "run_niah",
+    "salience",
     "select_blocks",
     "sweep",
     "trace",

@@ -117,3 +117,174 @@ def sweep_figure(cells: list[dict], lengths: list[int], depths: list[float], pan
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
+
+
+def vertical_scores_figure(vertical: np.ndarray, layer: int, highlight: int, *, title: str = "") -> Figure:
+    """The paper's thought-anchors panel: vertical score along the trace for every head of one layer,
+    the highest-kurtosis head highlighted.
+
+    Args:
+        vertical: float [H, U] (NaN for the last `proximity` units).
+    """
+    heads, units = vertical.shape
+    fig, ax = plt.subplots(figsize=(min(max(7.0, units * 0.03), 16.0), 3.8))
+    x = np.arange(units)
+    for h in range(heads):
+        if h != highlight:
+            ax.plot(x, vertical[h], color="#9e9e9e", lw=0.7, alpha=0.7)
+    ax.plot(x, vertical[highlight], color=ROUTE_RED, lw=1.6, label=f"head {highlight} (highest kurtosis)")
+    ax.plot([], [], color="#9e9e9e", lw=0.7, label=f"other heads of layer {layer}")
+    ax.set_xlabel("unit (position in the trace)")
+    ax.set_ylabel("vertical score")
+    ax.set_xlim(0, max(units - 1, 1))
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title or f"Vertical score per unit, layer {layer}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def kurtosis_figure(kurtosis: np.ndarray, receivers: list[tuple[int, int]]) -> Figure:
+    """Layer x head heatmap of the kurtosis of vertical scores, receiver heads marked.
+
+    Args:
+        kurtosis: float [L, H] (NaN = excluded, e.g. layer 0).
+    """
+    layers, heads = kurtosis.shape
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * heads + 3.0), max(4.0, 0.22 * layers + 1.5)))
+    image = ax.imshow(np.ma.masked_invalid(kurtosis), aspect="auto", origin="lower", cmap="viridis")
+    if receivers:
+        ax.scatter([h for _, h in receivers], [layer for layer, _ in receivers], marker="o", s=40,
+                   facecolors="none", edgecolors=ROUTE_RED, linewidths=1.4,
+                   label=f"receiver heads (top {len(receivers)})")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8)
+    ax.set_xticks(range(heads))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title("Kurtosis of each head's vertical scores", fontsize=10)
+    fig.colorbar(image, ax=ax, label="Fisher kurtosis")
+    fig.tight_layout()
+    return fig
+
+
+def unit_attention_figure(matrix: np.ndarray, categories: list[str] | None = None, *, title: str = "") -> Figure:
+    """Unit x unit attention map of one head (log colour scale), rows = query units.
+
+    Args:
+        matrix: float [U, U], lower triangular.
+    """
+    units = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(6.5, 5.8))
+    positive = matrix[matrix > 0]
+    low = float(np.percentile(positive, 5)) if positive.size else 1e-6
+    shown = np.ma.masked_less_equal(matrix, 0.0)
+    image = ax.imshow(shown, cmap="magma", norm=matplotlib.colors.LogNorm(vmin=max(low, 1e-6),
+                      vmax=max(float(matrix.max()), low * 10)), interpolation="nearest")
+    if categories is not None:
+        answer = [i for i, c in enumerate(categories) if c == "final_answer_emission"]
+        for i in answer:
+            ax.axhline(i, color="#2ca02c", lw=0.4, alpha=0.6)
+    ax.set_xlabel("key unit")
+    ax.set_ylabel("query unit")
+    ax.set_xlim(-0.5, units - 0.5)
+    ax.set_ylim(units - 0.5, -0.5)
+    ax.set_title(title or "Unit attention", fontsize=9)
+    fig.colorbar(image, ax=ax, label="mean attention of the query unit's tokens")
+    fig.tight_layout()
+    return fig
+
+
+def anchor_categories_figure(categories: list[str], positions: list[float], scores: list[float | None], *,
+                             source: str = "") -> Figure:
+    """Mean receiver-head score per category against its mean relative position in the trace
+    (marker size = number of units), as the paper's category panel."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    names = sorted(set(categories))
+    for name in names:
+        pairs = [(p, s) for c, p, s in zip(categories, positions, scores, strict=True) if c == name and s is not None]
+        if not pairs:
+            continue
+        x, y = np.mean([p for p, _ in pairs]), np.mean([s for _, s in pairs])
+        ax.scatter([x], [y], s=30 + 8 * len(pairs), alpha=0.7)
+        ax.annotate(f"{name.replace('_', ' ')} ({len(pairs)})", (x, y), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xlabel("mean relative position of the category's units (0 = first, 1 = last)")
+    ax.set_ylabel("mean score (receiver heads)")
+    ax.set_xlim(-0.05, 1.15)
+    ax.set_title("Receiver-head score by category" + (f"\ncategories: {source}" if source else ""), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def salience_figure(result, *, title: str = "", top: int = 10) -> Figure:
+    """Salience along the text: the selected-block salience of every key block (top spans numbered
+    and listed with their text), and below it, on its own scale, the forced sink and local blocks.
+
+    Args:
+        result: an `analysis.salience.Salience`.
+    """
+    selected = result.aggregate("selected", "mean")
+    local, sink = result.aggregate("local", "mean"), result.aggregate("sink", "mean")
+    starts = np.arange(len(selected)) * result.block_k
+    fig = plt.figure(figsize=(13.0, 6.2))
+    grid = fig.add_gridspec(2, 2, width_ratios=[3.2, 1.25], height_ratios=[3, 1.2], wspace=0.04, hspace=0.08)
+    ax, forced, listing = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[:, 1])
+    ranked = result.readers["selected"] >= result.min_readers
+    colors = np.where(ranked, "#1f77b4", "#b0c4de")
+    ax.bar(starts, np.nan_to_num(selected), width=result.block_k, align="edge", color=colors, linewidth=0)
+    ax.legend(handles=[matplotlib.patches.Patch(color="#1f77b4", label="selected blocks (numbers: top spans)"),
+                       matplotlib.patches.Patch(color="#b0c4de", label=f"fewer than {result.min_readers} possible "
+                                                "readers (not ranked)")], loc="upper left", fontsize=8, framealpha=0.9)
+    lines = []
+    for row in result.top[:top]:
+        j = row["block"]
+        ax.annotate(str(row["rank"]), (starts[j] + result.block_k / 2, selected[j]), textcoords="offset points",
+                    xytext=(0, 2), ha="center", va="bottom", fontsize=8, color=ROUTE_RED, fontweight="bold")
+        text = " ".join((row["text"] or "").split())
+        text = text if len(text) <= 46 else text[:45] + "…"
+        lines.append(f"{row['rank']:>2}. tokens {row['tokens'][0]}-{row['tokens'][1]}  ({row['selected_mean']:.3f})\n"
+                     f"    {text!r}" if row["text"] is not None else
+                     f"{row['rank']:>2}. tokens {row['tokens'][0]}-{row['tokens'][1]}  ({row['selected_mean']:.3f})")
+    ax.set_ylabel("selected mass per possible reader\n(mean over layers and heads)", fontsize=9)
+    ax.set_title(title or f"Salience along the text ({result.num_tokens:,} tokens, key blocks of {result.block_k})",
+                 fontsize=10)
+    ax.tick_params(labelbottom=False)
+    ax.set_ylim(0, max(float(np.nanmax(selected)) if np.isfinite(selected).any() else 0.0, 1e-9) * 1.12)
+    forced.bar(starts, np.nan_to_num(local), width=result.block_k, align="edge", color="#ff7f0e", linewidth=0,
+               label="local (diagonal) blocks")
+    forced.bar(starts, np.nan_to_num(sink), width=result.block_k, align="edge", color="#7f7f7f", linewidth=0,
+               label="sink blocks")
+    forced.set_ylabel("forced blocks:\nmass per reader", fontsize=9)
+    forced.set_xlabel("token position (start of key block)")
+    forced.legend(loc="upper right", fontsize=8, ncol=2, framealpha=0.9)
+    for axis in (ax, forced):
+        axis.set_xlim(0, result.num_tokens)
+    listing.axis("off")
+    listing.text(0.02, 0.99, "most-read spans (selected blocks)\n\n" + "\n".join(lines), va="top", ha="left",
+                 fontsize=7.5, family="monospace", transform=listing.transAxes)
+    fig.subplots_adjust(left=0.07, right=0.99, top=0.93, bottom=0.09)
+    return fig
+
+
+def salience_layers_figure(result, *, title: str = "") -> Figure:
+    """Layer x position heatmap of the selected-block salience (mean over heads); blocks no query
+    block could select (sinks, the last blocks) are blank.
+
+    Args:
+        result: an `analysis.salience.Salience`.
+    """
+    matrix = result.per_layer("selected", "mean")  # [L, n_k]
+    layers = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(11.0, max(3.5, 0.16 * layers + 1.8)))
+    finite = matrix[np.isfinite(matrix)]
+    top = float(np.quantile(finite, 0.995)) if finite.size else 1.0
+    cmap = plt.get_cmap("magma").with_extremes(bad="#e8e8e8")
+    image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", origin="lower", cmap=cmap, vmin=0.0,
+                      vmax=max(top, 1e-9), interpolation="nearest",
+                      extent=(0, matrix.shape[1] * result.block_k, -0.5, layers - 0.5))
+    ax.set_xlim(0, result.num_tokens)
+    ax.set_xlabel("token position (key block)")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "Selected-block salience per layer (mean over heads); grey: no possible reader", fontsize=10)
+    fig.colorbar(image, ax=ax, label="selected mass per possible reader", extend="max", fraction=0.04, pad=0.01)
+    fig.tight_layout()
+    return fig

@@ -10,9 +10,10 @@ import argparse
 import sys
 
 from ..errors import SparsetraceError
-from . import fidelity, needles, trace
+from . import analysis, anchors, fidelity, needles, trace
+from . import report as report_commands
 
-COMMAND_MODULES = (trace, fidelity, needles)
+COMMAND_MODULES = (trace, fidelity, needles, anchors, report_commands, analysis)
 
 
 def build_parser() -> argparse.ArgumentParser:
