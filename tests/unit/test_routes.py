@@ -15,17 +15,19 @@ from sparsetrace.trace import Trace
 BLOCK, N_BLOCKS, LAYERS, HEADS = 4, 5, 3, 2
 
 
-def hand_built_trace(seed: int, keep: float = 0.5) -> Trace:
+def hand_built_trace(seed: int, keep: float = 0.5, token_ids: torch.Tensor | None = None) -> Trace:
     """Random causal selections (each earlier block kept with probability `keep`, the diagonal always)
-    with random masses summing to 1 per row."""
+    with random masses summing to 1 per row; N_BLOCKS blocks of zeros unless `token_ids` are given."""
+    if token_ids is None:
+        token_ids = torch.zeros(N_BLOCKS * BLOCK, dtype=torch.int64)
     rng = np.random.default_rng(seed)
-    config = StreamConfig(k=N_BLOCKS, block_size=BLOCK, sinks=0, local=1)
-    width = N_BLOCKS + 1
+    n = -(-len(token_ids) // BLOCK)
+    config = StreamConfig(k=n, block_size=BLOCK, sinks=0, local=1)
     indices, masses = [], []
     for _ in range(LAYERS):
-        idx = torch.full((HEADS, N_BLOCKS, width), -1, dtype=torch.int32)
-        mass = torch.zeros(HEADS, N_BLOCKS, width)
-        for h, i in itertools.product(range(HEADS), range(N_BLOCKS)):
+        idx = torch.full((HEADS, n, n + 1), -1, dtype=torch.int32)
+        mass = torch.zeros(HEADS, n, n + 1)
+        for h, i in itertools.product(range(HEADS), range(n)):
             kept = [j for j in range(i) if rng.random() < keep] + [i]
             idx[h, i, : len(kept)] = torch.tensor(kept, dtype=torch.int32)
             mass[h, i, : len(kept)] = torch.from_numpy(rng.dirichlet(np.ones(len(kept)))).float()
@@ -33,8 +35,7 @@ def hand_built_trace(seed: int, keep: float = 0.5) -> Trace:
         masses.append(mass)
     info = {"name": "hand", "architecture": "H", "num_layers": LAYERS, "num_heads": HEADS, "num_kv_heads": 1,
             "head_dim": 4, "sliding_windows": [None] * LAYERS}
-    return Trace(token_ids=torch.zeros(N_BLOCKS * BLOCK, dtype=torch.int64), config=config, indices=indices,
-                 mass=masses, model_info=info)
+    return Trace(token_ids=token_ids, config=config, indices=indices, mass=masses, model_info=info)
 
 
 @pytest.mark.parametrize("seed", range(4))
