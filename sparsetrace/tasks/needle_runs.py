@@ -153,7 +153,8 @@ def sweep(
     on_cell=None,
 ) -> list[dict[str, Any]]:
     """Every length x depth cell: correctness, min k, kept fraction, compression, route. Resumable:
-    each finished cell is written to folder/cells/ atomically and skipped next time, and sweep.json
+    each finished cell is written to folder/cells/ atomically and skipped next time (as is every cell
+    of an existing sweep.json), and sweep.json
     and sweep.png are rewritten after every cell, so an interrupted sweep leaves what it finished."""
     import json
 
@@ -164,6 +165,10 @@ def sweep(
     config = config or StreamConfig()
     grid = [(length, depth, cells_dir / f"{length}_{depth}.json") for length in lengths for depth in depths]
     done = {(length, depth): json.loads(path.read_text()) for length, depth, path in grid if path.exists()}
+    summary = Path(folder) / "sweep.json"
+    if summary.exists():  # cells/ is a local cache; a committed sweep.json alone also resumes
+        for cell in json.loads(summary.read_text()).get("cells", []):
+            done.setdefault((cell["length"], cell["depth"]), cell)
 
     def write_summary() -> list[dict[str, Any]]:
         cells = [done[length, depth] for length, depth, _ in grid if (length, depth) in done]

@@ -1,6 +1,7 @@
 """Needle runs end to end on a tiny model: answer, min k, trace, route, files, sweep, CLI."""
 
 import json
+import shutil
 
 import pytest
 from tiny_models import tiny_model
@@ -46,6 +47,9 @@ def test_sweep_is_resumable(model, tiny_tokenizer, tmp_path):
     assert again == cells and seen == [], "finished cells are read back, not recomputed"
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == stamps
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    shutil.rmtree(tmp_path / "cells")
+    assert sweep(model, tiny_tokenizer, [500, 650], [0.2, 0.8], tmp_path, CONFIG, progress=False,
+                 on_cell=seen.append) == cells and seen == [], "sweep.json alone resumes a sweep"
 
 
 def test_an_interrupted_sweep_leaves_its_finished_cells_summarised(model, tiny_tokenizer, tmp_path):
