@@ -28,6 +28,7 @@ from .blocks import num_blocks, queries_per_row
 from .config import StreamConfig
 from .dense import oracle_selection, recall
 from .errors import InputError
+from .models import input_device
 from .tracer import prepare_input, run_trace
 
 
@@ -126,7 +127,7 @@ def greedy_continuation(model, ids: Tensor, n: int) -> tuple[Tensor, Tensor, Ten
     """
     if n < 1:
         raise InputError(f"n_match={n}; compare at least one next token (the paper uses 2)")
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     sequence = ids
     with torch.inference_mode():
         for step in range(n):

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
 from .errors import InputError
+from .models import input_device
 
 
 @dataclass
@@ -72,7 +73,7 @@ def generate_reasoning(
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     messages = [{"role": "user", "content": problem}]
     replies, total_new = [], 0
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     with tqdm(total=max_new_tokens if min_tokens is None else min_tokens, desc="generating", unit="token",
               disable=not progress) as bar:
         while True:

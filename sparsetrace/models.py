@@ -207,6 +207,36 @@ def describe_model(model: PreTrainedModel) -> dict[str, Any]:
     }
 
 
+def input_device(model: PreTrainedModel) -> torch.device:
+    """Where the token ids go: the embedding's execution device.
+
+    Under accelerate's device map (`device="auto"`, offloading) an offloaded embedding's weight sits
+    on "meta" and its hook moves it to the execution device only for the forward, so the weight's
+    device is not where the input must be.
+    """
+    embedding = model.get_input_embeddings()
+    device = _hook_execution_device(embedding)
+    return embedding.weight.device if device is None else device
+
+
+def execution_devices(model: PreTrainedModel) -> set[torch.device]:
+    """Every device the model computes on: its parameters' devices, and under accelerate's hooks the
+    execution devices of offloaded modules (whose parameters sit on "meta" between forwards)."""
+    devices = {p.device for p in model.parameters() if p.device.type != "meta"}
+    devices |= {d for d in map(_hook_execution_device, model.modules()) if d is not None}
+    return devices or {torch.device("cpu")}
+
+
+def _hook_execution_device(module: torch.nn.Module) -> torch.device | None:
+    """The execution device of accelerate's hook on `module` (a `SequentialHook` holds several), if any."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or [hook]:
+        device = getattr(one, "execution_device", None)
+        if device is not None:
+            return torch.device(device)  # accelerate may store a bare cuda index
+    return None
+
+
 def cache_dir() -> Path:
     """Where converted models are kept: `$SPARSETRACE_CACHE`, else `~/.cache/sparsetrace`."""
     return Path(os.environ.get("SPARSETRACE_CACHE") or "~/.cache/sparsetrace").expanduser()

@@ -12,6 +12,9 @@ The steps are those of `stream-spec.md` (after HiP attention, Lee et al. 2024):
    centre key block, or its middle token) against the block's queries, future keys masked,
    and keeps the best `beam` children (k in the last round; ties go to the lower index).
    After ceil(log2(widest branch)) rounds every branch is a single key block.
+   With `search="auto"` (default) a row with few candidates skips the search: it scores every
+   candidate (one dense product over a contiguous key span, no gather) and keeps the best, which
+   is cheaper there and exact for the score; `_DENSE_SCORE_SPEEDUP` sets where the search takes over.
 4. The result is the kept blocks of each row, sorted, -1 padded: `Selection.indices`.
 
 Everything is batched over heads and query blocks; query blocks are processed in chunks of a
@@ -39,6 +42,11 @@ _UNSEEN = -1e30
 # Gathered key and score elements per chunk of query blocks (16 MB fp32): amortises the per-chunk
 # overhead yet stays small; measured fastest on 2 cores at 4k-8k tokens (4x smaller or larger is slower).
 _CHUNK_ELEMENTS = 1 << 22
+# How many times cheaper a block is to score when every candidate of a row is scored (one dense
+# product, no gather) than inside the search: about 2 on 2 CPU cores at 8k-64k tokens
+# (benchmarks/estimator_scale). "auto" scores every candidate on rows with at most this many
+# times the blocks the search would score.
+_DENSE_SCORE_SPEEDUP = 2
 
 
 @dataclass(frozen=True)
@@ -82,9 +90,10 @@ def select_blocks(
     device = q.device
     n_k = num_blocks(tokens, config.block_k)
     plan = _plan(tokens, config, sliding_window, device)
-    start, width, budget, keep_beam = plan.start, plan.width, plan.budget, plan.keep_beam
 
     query_blocks = split_blocks(q, config.block_q)[:, :, :, :: config.query_stride]
+    if config.score == "logsumexp":  # scale the few scoring queries once, not every score
+        query_blocks = query_blocks * scaling
     query_pos = (
         torch.arange(query_blocks.shape[2], device=device)[:, None] * config.block_q
         + torch.arange(0, config.block_q, config.query_stride, device=device)[None, :]
@@ -93,47 +102,15 @@ def select_blocks(
         keys, key_block = split_blocks(k, config.block_k), config.block_k
     else:  # the middle token of the centre block: key "blocks" of one token
         keys, key_block = k.unsqueeze(3), 1
+    search = _Search(query_blocks, query_pos, keys, key_block, plan, config, tokens, sliding_window)
 
-    most = start.shape[1]  # the largest row budget
-    per_row = batch * heads * 2 * plan.beam_width * key_block * (dim + query_pos.shape[1])
-    chunk = max(1, _CHUNK_ELEMENTS // per_row)
-    n_q = query_pos.shape[0]
-    padded = math.ceil(n_q / chunk) * chunk
-    if padded > n_q:  # padding rows see nothing: empty branches, positions past the end
-        query_blocks = torch.nn.functional.pad(query_blocks, (0, 0, 0, 0, 0, padded - n_q))
-        query_pos = torch.cat([query_pos, query_pos.new_full((padded - n_q, query_pos.shape[1]), tokens)])
-        start = torch.cat([start, start.new_zeros(padded - n_q, most)])
-        width = torch.cat([width, width.new_zeros(padded - n_q, most)])
-        budget = torch.cat([budget, budget.new_zeros(padded - n_q)])
-        keep_beam = torch.cat([keep_beam, keep_beam.new_zeros(padded - n_q)])
-
-    found_start, found_width, found_score = [], [], []
-    for rows in range(0, padded, chunk):
-        s, w, sc = _search_chunk(
-            query_blocks[:, :, rows : rows + chunk],
-            query_pos[rows : rows + chunk],
-            start[rows : rows + chunk].expand(batch, heads, -1, -1),
-            width[rows : rows + chunk].expand(batch, heads, -1, -1),
-            keys,
-            config,
-            keep_final=budget[rows : rows + chunk],
-            keep_beam=keep_beam[rows : rows + chunk],
-            beam_width=plan.beam_width,
-            rounds=plan.rounds,
-            tokens=tokens,
-            key_block=key_block,
-            scaling=scaling,
-            sliding_window=sliding_window,
-            masked=not plan.causal_safe or (rows + chunk) * config.block_q > tokens,
-        )
-        found_start.append(s)
-        found_width.append(w)
-        found_score.append(sc)
-    start = torch.cat(found_start, dim=2)[:, :, :n_q]
-    width = torch.cat(found_width, dim=2)[:, :, :n_q]
-    score = torch.cat(found_score, dim=2)[:, :, :n_q]
-    selected = torch.where(width == 1, start, -1)
-    score = torch.where(width == 1, score, float("nan"))  # padding: a branch beyond the row's budget
+    n_q, most = query_pos.shape[0], plan.start.shape[1]
+    selected = torch.full((batch, heads, n_q, most), -1, dtype=torch.int64, device=device)
+    score = torch.full((batch, heads, n_q, most), float("nan"), device=device)
+    rows = torch.arange(n_q, device=device)
+    for part, run in ((rows[~plan.score_all], search.hierarchical), (rows[plan.score_all], search.every_candidate)):
+        if len(part):
+            selected[:, :, part], score[:, :, part] = run(part)
     found = with_forced_blocks(selected, score, plan.first, plan.last, n_k, config)
     if config.k_schedule != "mass":
         return found
@@ -153,7 +130,9 @@ class _Plan:
     selects (`row_budgets`); keep_beam: int64 [n_q] branches each row keeps in all rounds but the
     last, beam_width its maximum; start, width: int64 [n_q, max budget] the initial branches;
     rounds: halvings until the widest branch of any row is a single block; causal_safe: no window
-    and every searched key block ends before its row's first query, so scoring needs no mask.
+    and every searched key block ends before its row's first query, so scoring needs no mask;
+    lo, hi: int64 [n_q] each row's searched key blocks; score_all: bool [n_q] rows that score
+    every candidate instead of searching (`config.search`).
     """
 
     first: Tensor
@@ -165,6 +144,9 @@ class _Plan:
     width: Tensor
     rounds: int
     causal_safe: bool
+    lo: Tensor
+    hi: Tensor
+    score_all: Tensor
 
 
 @torch.compiler.disable  # plain ints for static shapes; and clamp-then-floordiv trips inductor (torch 2.13)
@@ -177,14 +159,21 @@ def _plan(tokens: int, config: StreamConfig, sliding_window: int | None, device:
     keep_beam = torch.clamp(budget * config.beam // (searched_per_k * config.k), min=budget)
     start, width = _initial_branches(lo, hi, num_blocks(tokens, config.block_k), config, budget)
     widest = int(width.max()) if width.numel() else 0
+    rounds = math.ceil(math.log2(widest)) if widest > 1 else 0
+    beam_width = max(int(keep_beam.max()) if keep_beam.numel() else 1, 1)
     row_start = torch.arange(len(first), device=device) * config.block_q
     searched_before = ((hi + 1) * config.block_k <= row_start) | (hi < lo)
+    candidates = torch.clamp(hi - lo + 1, min=0)
+    if config.search == "auto":  # the blocks a row's search scores: 2 per branch, then 2 per beam branch
+        scored = 2 * width.shape[1] + max(rounds - 1, 0) * 2 * beam_width if rounds else 0
+        score_all = candidates <= _DENSE_SCORE_SPEEDUP * scored
+    else:
+        score_all = torch.full_like(candidates, config.search == "exhaustive", dtype=torch.bool)
     return _Plan(
-        first=first, last=last, budget=budget, keep_beam=keep_beam,
-        beam_width=max(int(keep_beam.max()) if keep_beam.numel() else 1, 1),
-        start=start, width=width,
-        rounds=math.ceil(math.log2(widest)) if widest > 1 else 0,
+        first=first, last=last, budget=budget, keep_beam=keep_beam, beam_width=beam_width,
+        start=start, width=width, rounds=rounds,
         causal_safe=sliding_window is None and bool(searched_before.all()),
+        lo=lo, hi=hi, score_all=score_all,
     )
 
 
@@ -273,6 +262,112 @@ def kept_width(tokens: int, config: StreamConfig) -> int:
     return config.sinks + (int(budget.max()) if budget.numel() else config.k) + config.local
 
 
+@dataclass(frozen=True)
+class _Search:
+    """Step 3 for a set of rows, in chunks of bounded memory, by one of two methods.
+
+    query_blocks: [B, H, n_q, q', d] the scoring queries and query_pos int64 [n_q, q'] their
+    positions; keys: [B, H_kv, n, key_block, d] key blocks (or single tokens, key_block = 1).
+    Both methods return, for rows `part` (int64 [r]), the kept blocks int64 [B, H, r, m]
+    (-1 = none) and their scores [B, H, r, m], m = the largest row budget.
+    """
+
+    query_blocks: Tensor
+    query_pos: Tensor
+    keys: Tensor
+    key_block: int
+    plan: _Plan
+    config: StreamConfig
+    tokens: int
+    sliding_window: int | None
+
+    def hierarchical(self, part: Tensor) -> tuple[Tensor, Tensor]:
+        """The halving search: O(log n) rounds of 2 x beam children per row."""
+        plan, config = self.plan, self.config
+        batch, heads = self.query_blocks.shape[:2]
+        per_row = batch * heads * 2 * plan.beam_width * self.key_block * (self.query_blocks.shape[-1]
+                                                                          + self.query_pos.shape[1])
+        chunk = max(1, _CHUNK_ELEMENTS // per_row)
+        padding = math.ceil(len(part) / chunk) * chunk - len(part)
+        query_blocks = torch.nn.functional.pad(self.query_blocks[:, :, part], (0, 0, 0, 0, 0, padding))
+        # padding rows see nothing: empty branches, positions past the end
+        query_pos = torch.cat([self.query_pos[part], self.query_pos.new_full((padding, self.query_pos.shape[1]),
+                                                                             self.tokens)])
+        start, width, budget, keep_beam = (
+            torch.cat([x[part], x.new_zeros((padding, *x.shape[1:]))])
+            for x in (plan.start, plan.width, plan.budget, plan.keep_beam)
+        )
+        found = []
+        for rows in range(0, len(part) + padding, chunk):
+            window = slice(rows, rows + chunk)
+            found.append(_search_chunk(
+                query_blocks[:, :, window],
+                query_pos[window],
+                start[window].expand(batch, heads, -1, -1),
+                width[window].expand(batch, heads, -1, -1),
+                self.keys,
+                config,
+                keep_final=budget[window],
+                keep_beam=keep_beam[window],
+                beam_width=plan.beam_width,
+                rounds=plan.rounds,
+                tokens=self.tokens,
+                key_block=self.key_block,
+                sliding_window=self.sliding_window,
+                masked=not plan.causal_safe or bool((query_pos[window] >= self.tokens).any()),
+            ))
+        start, width, score = (torch.cat(x, dim=2)[:, :, : len(part)] for x in zip(*found, strict=True))
+        # width 0: a branch beyond the row's budget
+        return torch.where(width == 1, start, -1), torch.where(width == 1, score, float("nan"))
+
+    def every_candidate(self, part: Tensor) -> tuple[Tensor, Tensor]:
+        """Score every candidate block of the rows and keep each row's best `budget`.
+
+        The rows of a chunk see one contiguous span of key blocks, so their scores are one dense
+        product of the chunk's scoring queries with the span's keys (no gather): cheaper than the
+        search on rows with few candidates, and exact for the score (what the search approximates).
+        """
+        plan, config = self.plan, self.config
+        batch, heads, _, strided, dim = self.query_blocks.shape
+        kv_heads = self.keys.shape[1]
+        most = plan.start.shape[1]
+        widest = int((plan.hi[part] - plan.lo[part]).max()) + 1
+        chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * strided * max(widest, 1) * self.key_block))
+        selected, scores = [], []
+        for rows in part.split(chunk):
+            lo, hi = plan.lo[rows], plan.hi[rows]
+            first, last = int(lo.min()), int(hi.max())
+            if last < first:  # no row of the chunk has a candidate
+                selected.append(rows.new_full((batch, heads, len(rows), most), -1))
+                scores.append(torch.full((batch, heads, len(rows), most), float("nan"), device=rows.device))
+                continue
+            span = torch.arange(first, last + 1, device=rows.device)
+            if config.representative == "block":
+                keys = self.keys[:, :, first : last + 1]
+                key_pos = span[:, None] * self.key_block + torch.arange(self.key_block, device=rows.device)
+            else:
+                key_pos = torch.clamp(span * config.block_k + (config.block_k - 1) // 2, max=self.tokens - 1)[:, None]
+                keys = self.keys.index_select(2, key_pos[:, 0])
+            queries = self.query_blocks[:, :, rows].reshape(batch, kv_heads, -1, dim)  # head h reads kv h // group
+            raw = torch.matmul(queries, keys.flatten(2, 3).transpose(-1, -2)).float()
+            raw = raw.view(batch, heads, len(rows), strided, len(span), key_pos.shape[1])
+            query_pos = self.query_pos[rows]
+            if not plan.causal_safe or bool((query_pos >= self.tokens).any()):
+                seen = visible(query_pos[:, :, None, None], key_pos, self.tokens, self.sliding_window)
+                raw = raw.masked_fill(~seen, float("-inf"))
+            score = _reduce_scores(raw, config, kv_heads)
+            outside = (span < lo[:, None]) | (span > hi[:, None])
+            score = score.masked_fill(outside, float("-inf"))
+            keep = min(most, len(span))
+            ranked = torch.sort(score, dim=-1, descending=True, stable=True)  # ties: the lower index first
+            best, value = ranked.indices[..., :keep], ranked.values[..., :keep]
+            valid = (value > float("-inf")) & (torch.arange(keep, device=rows.device) < plan.budget[rows][:, None])
+            pad = (0, most - keep)
+            selected.append(torch.nn.functional.pad(torch.where(valid, best + first, -1), pad, value=-1))
+            scores.append(torch.nn.functional.pad(torch.where(valid, value, float("nan")), pad, value=float("nan")))
+        return torch.cat(selected, dim=2), torch.cat(scores, dim=2)
+
+
 def _search_chunk(
     query_blocks: Tensor,
     query_pos: Tensor,
@@ -287,7 +382,6 @@ def _search_chunk(
     rounds: int,
     tokens: int,
     key_block: int,
-    scaling: float,
     sliding_window: int | None,
     masked: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -312,7 +406,7 @@ def _search_chunk(
         child_width = torch.stack([half, width - half], dim=-1).flatten(-2)
         child_score = _score_children(
             query_blocks, query_pos, child_start, child_width, keys, config,
-            tokens=tokens, key_block=key_block, scaling=scaling, sliding_window=sliding_window, heads=heads,
+            tokens=tokens, key_block=key_block, sliding_window=sliding_window, heads=heads,
             masked=masked,
         )
         last_round = r == rounds - 1
@@ -337,7 +431,6 @@ def _score_children(
     *,
     tokens: int,
     key_block: int,
-    scaling: float,
     sliding_window: int | None,
     heads: int,
     masked: bool,
@@ -360,17 +453,25 @@ def _score_children(
     if masked:
         seen = visible(query_pos[None, None, :, :, None, None], key_pos[:, :, :, None], tokens, sliding_window)
         raw = raw.masked_fill(~seen, float("-inf"))
+    score = _reduce_scores(raw, config, keys.shape[1])
+    return torch.where(child_width > 0, score, float("-inf"))
+
+
+def _reduce_scores(raw: Tensor, config: StreamConfig, kv_heads: int) -> Tensor:
+    """One score per candidate from its q.k values `raw` [B, H, c, q', C, kb] (already scaled for
+    "logsumexp"): float32 [B, H, c, C]; a candidate no scoring query can see gets `_UNSEEN`.
+    Reduced over the contiguous key axis first, then over the queries: far faster than one
+    reduction over two strided axes, and the same value."""
     if config.score == "max":
-        score = raw.amax(dim=(3, 5))
+        score = raw.amax(dim=-1).amax(dim=3)
     else:
-        score = (raw * scaling).logsumexp(dim=(3, 5))
+        score = raw.logsumexp(dim=-1).logsumexp(dim=3)
     score = torch.where(score == float("-inf"), _UNSEEN, score)  # non-empty but unseen by these queries
     if config.head_sharing == "kv_group":
-        batch, _, c, n = score.shape
-        kv_heads = keys.shape[1]
+        batch, heads, c, n = score.shape
         shared = score.view(batch, kv_heads, heads // kv_heads, c, n).sum(dim=2, keepdim=True)
         score = shared.expand(batch, kv_heads, heads // kv_heads, c, n).reshape(batch, heads, c, n)
-    return torch.where(child_width > 0, score, float("-inf"))
+    return score
 
 
 def with_forced_blocks(

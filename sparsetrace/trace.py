@@ -307,7 +307,7 @@ def _load(path: Path) -> Trace:
     num_layers = _check_tensor_names(path, set(tensors))
     return Trace(
         token_ids=tensors["token_ids"],
-        config=StreamConfig.from_dict(_json_field(metadata, "config")),
+        config=StreamConfig.from_dict({"search": "hierarchical"} | _json_field(metadata, "config")),
         indices=[tensors[f"layers.{layer}.indices"] for layer in range(num_layers)],
         mass=[tensors[f"layers.{layer}.mass"] for layer in range(num_layers)],
         model_info=_json_field(metadata, "model"),

@@ -22,7 +22,7 @@ from .backend import LayerCallback, LayerRecord, ProbabilityCallback, sparse_att
 from .blocks import num_blocks
 from .config import StreamConfig
 from .errors import InputError, MemoryRequestError, UnsupportedModelError
-from .models import describe_model
+from .models import describe_model, execution_devices, input_device
 from .stream import kept_width
 from .trace import Trace
 
@@ -124,7 +124,7 @@ def run_trace(
             on_layer(layer)
         bar.update(1)
 
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)  # not the weight's device: "meta" when accelerate offloads it
     started = time.perf_counter()
     switched = sparse_attention(model, config, record, forward=forward, on_probabilities=on_probabilities)
     with bar, switched, torch.inference_mode():
@@ -212,9 +212,12 @@ def available_memory() -> int:
 
 
 def check_memory(model, tokens: int, config: StreamConfig, forward: str = "sparse") -> None:
-    """Refuse, before starting, a request the machine's free memory cannot hold."""
-    device = model.get_input_embeddings().weight.device
-    if device.type != "cpu":
+    """Refuse, before starting, a request the machine's free memory cannot hold.
+
+    Checked when any layer computes on the CPU (also a model split by accelerate across CPU, disk and
+    GPUs, whose offloaded weights sit on "meta"); GPU memory is left to the GPU's own error.
+    """
+    if torch.device("cpu") not in execution_devices(model):
         return
     need, have = estimate_memory(model, tokens, config, forward), available_memory()
     if need > have:

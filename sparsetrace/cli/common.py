@@ -27,6 +27,9 @@ CONFIG_HELP = {
     "k_schedule": "fixed k per query block (fixed, default); or the same total per head shifted to later "
     "blocks in proportion to log2(candidates) (log) or to candidates (linear), or given to the searched "
     "blocks of largest attention mass over all query blocks (mass)",
+    "search": "score every candidate on rows where that is cheaper than the halving search, search the "
+    "others (auto, default); always search (hierarchical, the paper); score every candidate everywhere "
+    "(exhaustive, O(T^2) scores: a reference)",
 }
 
 

@@ -46,7 +46,7 @@ from ..blocks import num_blocks
 from ..config import StreamConfig
 from ..errors import InputError, MemoryRequestError
 from ..files import atomic_write, save_figure, write_json
-from ..models import describe_model
+from ..models import describe_model, input_device
 from ..trace import Trace
 from ..tracer import available_memory, prepare_input, run_trace
 
@@ -227,7 +227,7 @@ def _traced_unit_attention(model, tokenizer, ids, split, config, key_average, pr
 def _answer_check(model, ids, sparse_logits, keep, answer: Unit) -> dict[str, Any]:
     """Sparse vs dense greedy predictions of the answer unit's tokens (teacher-forced)."""
     tokens = len(ids)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     with torch.inference_mode():
         dense_logits = model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=keep).logits[0]
     sparse, dense = sparse_logits.argmax(-1), dense_logits.float().cpu().argmax(-1)

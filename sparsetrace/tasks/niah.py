@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..models import input_device
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
@@ -167,7 +168,7 @@ class DenseAnswer:
 
 def dense_answer(model, tokenizer, prompt: NiahPrompt, max_new_tokens: int = 12) -> DenseAnswer:
     """Greedy decoding on the model's own (dense) attention, `max_new_tokens` at most."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     pad = model.generation_config.pad_token_id
     pad = model.generation_config.eos_token_id if pad is None else pad
     ids = prompt.token_ids[None].to(device)

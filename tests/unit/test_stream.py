@@ -21,6 +21,7 @@ def reference_select(q, k, cfg, window=None, scaling=None):
     n_q, n_k = math.ceil(tokens / cfg.block_q), math.ceil(tokens / cfg.block_k)
     out = torch.full((batch, heads, n_q, kept_width(tokens, cfg)), -1, dtype=torch.int32)
     budgets = row_budgets(tokens, cfg)
+    every_candidate_below = _every_candidate_below(tokens, cfg, window)
     for b in range(batch):
         for h in range(heads):
             for i in range(n_q):
@@ -49,6 +50,11 @@ def reference_select(q, k, cfg, window=None, scaling=None):
                 n = max(hi - lo + 1, 0)
                 budget = int(budgets[i])
                 beam = max(budget * cfg.beam // cfg.k, budget)
+                if n <= every_candidate_below:  # score them all, keep the best (ties: lower index)
+                    chosen = {j for _, j in sorted((-score(j), j) for j in range(lo, hi + 1))[:budget]}
+                    chosen |= _forced(cfg, first, last)
+                    out[b, h, i, : len(chosen)] = torch.tensor(sorted(chosen), dtype=torch.int32)
+                    continue
                 if cfg.partition == "row":
                     bounds = [lo + j * n // budget for j in range(budget + 1)] if budget else [lo]
                     branches = [(bounds[j], bounds[j + 1] - bounds[j]) for j in range(budget)]
@@ -75,12 +81,29 @@ def reference_select(q, k, cfg, window=None, scaling=None):
                     keep = budget if r == rounds_needed - 1 else beam
                     kept = sorted(scored)[:keep]
                     branches = sorted(((s, w) for _, _, s, w in kept), key=lambda x: (x[1] == 0, x[0]))
-                chosen = {s for s, w in branches if w == 1}
-                chosen |= {j for j in range(cfg.sinks) if first <= j <= last}
-                chosen |= {j for j in range(last - cfg.local + 1, last + 1) if j >= max(first, cfg.sinks)}
+                chosen = {s for s, w in branches if w == 1} | _forced(cfg, first, last)
                 row = sorted(chosen)
                 out[b, h, i, : len(row)] = torch.tensor(row, dtype=torch.int32)
     return out
+
+
+def _forced(cfg, first, last):
+    """The sink and local blocks a row keeps whatever the search finds."""
+    sinks = {j for j in range(cfg.sinks) if first <= j <= last}
+    return sinks | {j for j in range(last - cfg.local + 1, last + 1) if j >= max(first, cfg.sinks)}
+
+
+def _every_candidate_below(tokens, cfg, window):
+    """Rows with at most this many candidates score them all (`search`): under "auto", the number
+    of blocks the halving search scores per row (2 per initial branch, then 2 per beam branch)
+    times how much cheaper a densely scored block is."""
+    if cfg.search != "auto":
+        return math.inf if cfg.search == "exhaustive" else -1
+    widest = _widest(tokens, cfg, window)
+    rounds = math.ceil(math.log2(widest)) if widest > 1 else 0
+    budgets = row_budgets(tokens, cfg).tolist()
+    beam = max(max(b * cfg.beam // cfg.k, b) for b in budgets)
+    return stream._DENSE_SCORE_SPEEDUP * (2 * max(budgets) + 2 * beam * (rounds - 1)) if rounds else 0
 
 
 def _widest(tokens, cfg, window):
@@ -110,6 +133,11 @@ CONFIGS = [
     StreamConfig(k=1, block_size=8, sinks=0, local=1),
     StreamConfig(k=3, block_size=8, k_schedule="log"),
     StreamConfig(k=2, block_size=8, k_schedule="linear", beam=3, score="max", query_stride=2),
+    StreamConfig(k=3, block_size=8, search="hierarchical"),
+    StreamConfig(k=2, block_size=8, score="max", beam=3, query_stride=1, search="hierarchical"),
+    StreamConfig(k=2, block_size=8, partition="global", search="hierarchical"),
+    StreamConfig(k=3, block_size=8, search="exhaustive"),
+    StreamConfig(k=2, block_q=8, block_k=16, representative="token", head_sharing="head", search="exhaustive"),
 ]
 
 
@@ -220,7 +248,7 @@ def reference_mass_schedule(q, k, cfg, window):
     candidates of largest mass over all rows, by sorting a Python list."""
     tokens = q.shape[2]
     search = StreamConfig(k=2 * cfg.k, block_size=cfg.block_q, beam=max(cfg.beam, 2 * cfg.k),
-                          query_stride=cfg.query_stride, head_sharing=cfg.head_sharing)
+                          query_stride=cfg.query_stride, head_sharing=cfg.head_sharing, search=cfg.search)
     candidates = select_blocks(q, k, search, sliding_window=window).indices
     allowed = kept_token_mask(candidates, tokens, cfg.block_q, cfg.block_k)
     _, probs = dense_attention(q, k, torch.zeros_like(k), sliding_window=window, allowed=allowed)
@@ -267,3 +295,22 @@ def test_mass_schedule_with_kv_group_sharing_gives_one_mask_per_group():
     idx = select_blocks(q, k, StreamConfig(k=2, block_size=16, head_sharing="kv_group", k_schedule="mass")).indices
     assert torch.equal(idx[:, 0], idx[:, 1]) and torch.equal(idx[:, 0], idx[:, 2])
     assert torch.equal(idx[:, 3], idx[:, 5])
+
+
+@pytest.mark.parametrize("window", [None, 770])
+def test_auto_search_mixes_both_methods_and_matches_reference(window):
+    torch.manual_seed(3)
+    q, k = torch.randn(1, 2, 800, 8, dtype=torch.float64), torch.randn(1, 1, 800, 8, dtype=torch.float64)
+    cfg = StreamConfig(k=2, block_size=8)
+    score_all = stream._plan(800, cfg, window, "cpu").score_all
+    assert bool(score_all.any()) and not bool(score_all.all()), "some rows score all candidates, others search"
+    assert torch.equal(select_blocks(q, k, cfg, sliding_window=window).indices, reference_select(q, k, cfg, window))
+
+
+def test_exhaustive_search_keeps_at_least_the_hierarchical_score():
+    torch.manual_seed(4)
+    q, k = torch.randn(1, 3, 2000, 16), torch.randn(1, 3, 2000, 16)
+    exhaustive = select_blocks(q, k, StreamConfig(k=4, block_size=16, search="exhaustive")).scores
+    searched = select_blocks(q, k, StreamConfig(k=4, block_size=16, search="hierarchical")).scores
+    assert bool((exhaustive.nan_to_num(0).sum(-1) >= searched.nan_to_num(0).sum(-1) - 1e-4).all())
+    assert bool((exhaustive.nan_to_num(0).sum(-1) > searched.nan_to_num(0).sum(-1) + 1e-4).any())
