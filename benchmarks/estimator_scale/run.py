@@ -11,19 +11,20 @@ count), so this only keeps the scores from being pure noise.
 Each length runs in a fresh process: it builds q/k and warms up on the first 4096 tokens; then
 before each run it hands freed heap pages back to the OS (glibc malloc_trim) and resets the peak
 RSS (Linux: "5" into /proc/self/clear_refs sets VmHWM to the current RSS), and after it records
-the wall time (time.perf_counter) and VmHWM minus the RSS just before the call. The child runs
-with MALLOC_MMAP_THRESHOLD_=131072 (unless set already): with glibc's dynamic threshold, freed
-chunk temporaries fragment the heap and the RSS growth of one call varies between runs (see
-tests/unit/test_memory_bound.py); a fixed one maps every large tensor on its own, so the RSS
-follows what is live.
+the wall time (time.perf_counter) and VmHWM minus the RSS just before the call. Times come from a
+child with the default allocator. The peak comes from a second child (one run) with
+MALLOC_MMAP_THRESHOLD_=131072: with glibc's dynamic threshold, freed chunk temporaries fragment
+the heap and the RSS growth of one call varies between runs (see tests/unit/test_memory_bound.py);
+a fixed one maps every large tensor on its own, so the RSS follows what is live, but every fresh
+mapping is page-faulted in again, which makes that child about 3x slower.
 Lengths below --one-run-from get --runs runs (median reported), longer ones one run. Before each
 length the parent compares an estimate of the need with MemAvailable and skips the length (with
 the reason) if it does not fit. results.json is rewritten (atomically) after every length; then
 estimator_scale.png. Fits are least squares on log-log: time ~ T^a, time ~ c T log2 T (with its
 residual next to the power law's), peak memory ~ T^b.
 
-    OMP_NUM_THREADS=1 python benchmarks/estimator_scale/run.py \\
-        --lengths 4096 8192 16384 32768 65536 131072 262144 524288 1048576 --runs 3
+    python benchmarks/estimator_scale/run.py \\
+        --lengths 4096 8192 16384 32768 65536 131072 262144 524288 1048576 --runs 3 --one-run-from 131072
 """
 
 from __future__ import annotations
@@ -200,13 +201,17 @@ def main() -> None:
                               f"{row['mem_available'] / 2**30:.1f} GiB")
             print(f"{tokens:>8} tokens: skipped, {row['skipped']}", flush=True)
         else:
-            child = subprocess.run([sys.executable, __file__, "--child", str(tokens), str(runs)],
-                                   capture_output=True, text=True, env=CHILD_ENV)
-            if child.returncode:
-                row["error"] = f"exit {child.returncode}: {child.stderr.strip()[-2000:]}"
+            timed, peaked = (subprocess.run([sys.executable, __file__, "--child", str(tokens), str(n)],
+                                            capture_output=True, text=True, env=env)
+                             for n, env in ((runs, os.environ), (1, CHILD_ENV)))
+            failed = next((c for c in (timed, peaked) if c.returncode), None)
+            if failed:
+                row["error"] = f"exit {failed.returncode}: {failed.stderr.strip()[-2000:]}"
                 print(f"{tokens:>8} tokens: failed, {row['error']}", flush=True)
             else:
-                row.update(json.loads(child.stdout.strip().splitlines()[-1]))
+                row.update(json.loads(timed.stdout.strip().splitlines()[-1]))
+                memory = json.loads(peaked.stdout.strip().splitlines()[-1])
+                row |= {key: memory[key] for key in ("peak_above_base_runs", "base_rss_runs")}
                 row["time_median_s"] = statistics.median(row["times_s"])
                 row["peak_above_base"] = max(row["peak_above_base_runs"])
                 print(f"{tokens:>8} tokens: {row['time_median_s']:.2f} s (median of {runs}), peak above base "
