@@ -55,8 +55,9 @@ class Selection:
 
     Attributes:
         indices: int32 [B, H, n_q, sinks + k + local], ascending per row, -1 padded at the end.
-        scores: float32, same shape: the last round's score of each selected block; NaN for
-            forced blocks, padding, and rows that needed no search.
+        scores: float32, same shape: each selected block's score (the search's last round, or
+            the score of every candidate on rows that score them all); NaN for forced blocks,
+            padding, and searched rows whose branches were single blocks from the start.
     """
 
     indices: Tensor
