@@ -43,9 +43,9 @@ _UNSEEN = -1e30
 # overhead yet stays small; measured fastest on 2 cores at 4k-8k tokens (4x smaller or larger is slower).
 _CHUNK_ELEMENTS = 1 << 22
 # How many times cheaper a block is to score when every candidate of a row is scored (one dense
-# product, no gather) than inside the search: about 2 on 2 CPU cores at 8k-64k tokens
-# (benchmarks/estimator_scale). "auto" scores every candidate on rows with at most this many
-# times the blocks the search would score.
+# product, no gather) than inside the search: 1.7-3x in probes on 2 CPU cores at 8k-32k tokens
+# (benchmarks/estimator_choice and estimator_scale measure the result). "auto" scores every
+# candidate on rows with at most this many times the blocks the search would score.
 _DENSE_SCORE_SPEEDUP = 2
 
 
