@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from sparsetrace.tracer import available_memory  # MemAvailable, as the tracer's own memory pre-check reads it
+
 HERE = Path(__file__).parent
 BATCH, HEADS, KV_HEADS, DIM = 1, 9, 3, 64  # one layer of SmolLM2-135M
 NEEDLES = 16
@@ -74,14 +76,6 @@ def _status_bytes(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _mem_available() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("MemAvailable not in /proc/meminfo")
 
 
 def input_bytes(tokens: int) -> int:
@@ -195,7 +189,7 @@ def main() -> None:
     for tokens in sorted(args.lengths):
         runs = args.runs if tokens < args.one_run_from else 1
         row = {"tokens": tokens, "runs": runs, "memory_need_estimate": memory_need(tokens),
-               "mem_available": _mem_available()}
+               "mem_available": available_memory()}
         if row["memory_need_estimate"] > row["mem_available"]:
             row["skipped"] = (f"estimated need {row['memory_need_estimate'] / 2**30:.1f} GiB > MemAvailable "
                               f"{row['mem_available'] / 2**30:.1f} GiB")

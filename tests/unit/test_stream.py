@@ -314,3 +314,15 @@ def test_exhaustive_search_keeps_at_least_the_hierarchical_score():
     searched = select_blocks(q, k, StreamConfig(k=4, block_size=16, search="hierarchical")).scores
     assert bool((exhaustive.nan_to_num(0).sum(-1) >= searched.nan_to_num(0).sum(-1) - 1e-4).all())
     assert bool((exhaustive.nan_to_num(0).sum(-1) > searched.nan_to_num(0).sum(-1) + 1e-4).any())
+
+
+@pytest.mark.parametrize(("tokens", "scored", "widest_row", "all_rows"), [
+    (4096, 80, 62, True), (8192, 112, 126, True), (22528, 176, 350, True), (32768, 176, 510, False),
+])
+def test_default_auto_search_scores_every_candidate_up_to_about_22k_tokens(tokens, scored, widest_row, all_rows):
+    """The README's and estimator_choice's numbers: blocks the search scores a row, the most
+    candidates a row has, and whether every row scores all of them (twice the search's count)."""
+    plan = stream._plan(tokens, StreamConfig(), None, "cpu")
+    assert 2 * plan.start.shape[1] + (plan.rounds - 1) * 2 * plan.beam_width == scored
+    assert int((plan.hi - plan.lo + 1).max()) == widest_row
+    assert bool(plan.score_all.all()) == all_rows
