@@ -73,7 +73,7 @@ def block_sparse_attention(
         softcap: logit soft-capping, cap * tanh(score / cap) (Gemma 2).
         on_probabilities: optional hook called once per query chunk (see the module docstring).
     Returns:
-        out: [B, H, T, d_v] in q's dtype (None without v).
+        out: [B, H, T, d_v] in q's dtype (None without v), a transposed view of [B, T, H, d_v] memory.
         mass: float32 [B, H, n_q, K], 0 where the index is -1.
     """
     batch, heads, tokens, dim = q.shape
@@ -88,7 +88,10 @@ def block_sparse_attention(
     never = torch.iinfo(torch.int64).min // 2  # a start difference that no key satisfies
 
     chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * block_q * kept * block_k))
-    outputs, masses = [], []
+    # the output in the [B, T, H, d_v] memory layout the model wants next: one copy per chunk,
+    # no concatenation and no transposed copy afterwards
+    out = None if v is None else q.new_empty(batch, n_q, block_q, heads, v.shape[-1])
+    masses = []
     for rows in range(0, n_q, chunk):
         idx = indices[:, :, rows : rows + chunk].long()
         safe = idx.clamp(min=0)
@@ -109,11 +112,10 @@ def block_sparse_attention(
             on_probabilities(rows, probs, idx)
         if value_blocks is not None:
             values = gather_blocks(value_blocks, safe, heads).flatten(3, 4)
-            outputs.append(torch.matmul(probs.to(values.dtype), values))
+            out[:, rows : rows + c] = torch.matmul(probs.to(values.dtype), values).permute(0, 2, 3, 1, 4)
         real = ((row_start + torch.arange(block_q, device=q.device)) < tokens).float()  # [c, bq]: not padding
         block_mass = probs.view(batch, heads, c, block_q, kept, block_k).sum(dim=-1)  # [B, H, c, bq, K]
         masses.append((block_mass * real[..., None]).sum(dim=3) / real.sum(dim=-1)[:, None])
-    if value_blocks is None:
+    if out is None:
         return None, torch.cat(masses, dim=2)
-    out = torch.cat(outputs, dim=2).reshape(batch, heads, n_q * block_q, -1)[:, :, :tokens]
-    return out.to(q.dtype), torch.cat(masses, dim=2)
+    return out.view(batch, n_q * block_q, heads, -1)[:, :tokens].transpose(1, 2), torch.cat(masses, dim=2)

@@ -115,6 +115,19 @@ def kept_counts(cells: list[dict], k: int, schedule: str, length: int | None = N
     return sum(r["answer_kept"] for r in runs), len(runs)
 
 
+def budget_summary(cells: list[dict], schedules: list[str]) -> str:
+    """Kept blocks of each schedule against fixed k in the same cell: equal, or the largest shortfall/excess.
+    Variable budgets are rounded to whole blocks, so a schedule may keep a few blocks fewer than fixed."""
+    parts = []
+    for schedule in schedules[1:]:
+        ratios = [by[schedule] / by["fixed"] - 1 for c in cells for k in {r["k"] for r in c["runs"]}
+                  if (by := {r["schedule"]: r["kept_blocks"] for r in c["runs"] if r["k"] == k})]
+        low, high = min(ratios), max(ratios)
+        parts.append(f"{schedule}: " + ("the same as fixed in every cell" if low == high == 0
+                                         else f"{low:+.2%} to {high:+.2%} of fixed"))
+    return "Kept blocks, " + "; ".join(parts) + "."
+
+
 def tables(results: dict) -> str:
     cells = results["cells"]
     lengths = sorted({c["length"] for c in cells})
@@ -124,13 +137,8 @@ def tables(results: dict) -> str:
         for schedule in results["schedules"]:
             counts = [kept_counts(cells, k, schedule, n) for n in lengths] + [kept_counts(cells, k, schedule)]
             lines.append(f"| {k} | {schedule} | " + " | ".join(f"{a} of {b}" for a, b in counts) + " |")
-    budgets = {(c["length"], c["depth"], c["seed"], r["k"]): set() for c in cells for r in c["runs"]}
-    for c in cells:
-        for r in c["runs"]:
-            budgets[(c["length"], c["depth"], c["seed"], r["k"])].add(r["kept_blocks"])
-    same = all(len(v) == 1 for v in budgets.values())
     wrong = sum(not c["correct"] for c in cells)
-    lines += ["", f"Same kept blocks for every schedule in every cell: {'yes' if same else 'NO'}. "
+    lines += ["", budget_summary(cells, results["schedules"]),
               f"Prompts whose dense answer is wrong (left out): {wrong} of {len(cells)}."]
     lines += ["", "| tokens | depth | seed | " + " | ".join(f"k={k} {s}" for k in results["k_values"]
                                                            for s in results["schedules"]) + " |",
@@ -165,7 +173,7 @@ def plot(results: dict) -> None:
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k tokens" for n in lengths])
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("share of needle answers kept")
-        ax.set_title(f"k = {k} on average (same total kept blocks)")
+        ax.set_title(f"k = {k} on average (fixed k's total kept blocks, or <= 0.3% fewer)", fontsize=11)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     figure.suptitle("Whole 7-digit answer reproduced by the sparse model, by k schedule (default model, 64-token "

@@ -56,3 +56,19 @@ def test_low_precision_inputs_keep_their_dtype():
     ref, _ = dense_attention(q.float(), k.float(), v.float())
     assert out.dtype == torch.bfloat16 and mass.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_transposed_views_as_models_pass_them_give_the_same_result():
+    """Models hand q, k, v over as [B, T, H, d] memory viewed as [B, H, T, d]; nothing may depend on it."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 150, 4, 16), torch.randn(1, 150, 2, 16), torch.randn(1, 150, 2, 8)
+    cfg = StreamConfig(k=2, block_size=16)
+    views = [x.transpose(1, 2) for x in (q, k, v)]
+    copies = [x.contiguous() for x in views]
+    assert not views[1].is_contiguous()
+    from_view, from_copy = (select_blocks(x, y, cfg) for x, y, _ in (views, copies))
+    assert torch.equal(from_view.indices, from_copy.indices)
+    assert torch.equal(from_view.scores.nan_to_num(-7), from_copy.scores.nan_to_num(-7))
+    out_view, mass_view = block_sparse_attention(*views, from_view.indices, block_q=16, block_k=16)
+    out_copy, mass_copy = block_sparse_attention(*copies, from_view.indices, block_q=16, block_k=16)
+    assert torch.equal(out_view, out_copy) and torch.equal(mass_view, mass_copy)
