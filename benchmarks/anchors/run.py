@@ -163,6 +163,10 @@ def main() -> None:
                 print(f"{text_name} {cell}: {data['seconds']} s, {data['peak_rss_gb']} GB", flush=True)
             cells[(text_name, cell)] = json.loads(path.read_text())
     rows = summarise(cells)
+    previous = HERE / "results.json"  # rows of texts not run now stay (cells/ is a local cache)
+    if previous.exists():
+        kept = [r for r in json.loads(previous.read_text())["cells"] if r["text"] not in args.texts]
+        rows = sorted(kept + rows, key=lambda r: list(TEXTS).index(r["text"]))
     (HERE / "results.json").write_text(json.dumps({"cells": rows}, indent=1) + "\n")
     figure(rows, HERE / "anchors_vs_k.png")
     for r in rows:
