@@ -43,9 +43,11 @@ _UNSEEN = -1e30
 # overhead yet stays small; measured fastest on 2 cores at 4k-8k tokens (4x smaller or larger is slower).
 _CHUNK_ELEMENTS = 1 << 22
 # How many times cheaper a block is to score when every candidate of a row is scored (one dense
-# product, no gather) than inside the search: 1.7-3x in probes on 2 CPU cores at 8k-32k tokens
-# (benchmarks/estimator_choice and estimator_scale measure the result). "auto" scores every
-# candidate on rows with at most this many times the blocks the search would score.
+# product, no gather) than inside the search. "auto" scores every candidate on rows with at most
+# this many times the blocks the search would score. 2 gave the fastest estimator of 0, 0.5, 1,
+# 1.5, 2, 3, 4, 6 and "every row" in a probe on 2 CPU cores at 16k and 32k tokens (32k: 1.3-1.4 s a
+# layer, 1.5 within 5%, the others 1.6-2.1 s); benchmarks/estimator_choice and estimator_scale
+# measure the result.
 _DENSE_SCORE_SPEEDUP = 2
 
 
