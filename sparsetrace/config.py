@@ -8,7 +8,7 @@ the logsumexp of the scaled scores instead of their max, a beam of 2k branches i
 but the last, scoring with every 8th query, and scoring every candidate block on rows where that
 costs no more than the search (`search="auto"`). On the default model (4k tokens of the built-in
 sample, all 30 layers; benchmarks/estimator_choice) that keeps 0.993 of the oracle's recall on
-average (worst layer 0.977) against 0.967 (worst 0.911) for the paper's settings, at 0.11x its
+average (worst layer 0.977) against 0.967 (worst 0.911) for the paper's settings, at 0.16x its
 estimator time.
 `StreamConfig(score="max", beam=k, query_stride=1, search="hierarchical")` is the paper's estimator.
 
