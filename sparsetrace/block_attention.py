@@ -116,6 +116,6 @@ def block_sparse_attention(
         real = ((row_start + torch.arange(block_q, device=q.device)) < tokens).float()  # [c, bq]: not padding
         block_mass = probs.view(batch, heads, c, block_q, kept, block_k).sum(dim=-1)  # [B, H, c, bq, K]
         masses.append((block_mass * real[..., None]).sum(dim=3) / real.sum(dim=-1)[:, None])
-    if out is None:
+    if value_blocks is None:
         return None, torch.cat(masses, dim=2)
     return out.view(batch, n_q * block_q, heads, -1)[:, :tokens].transpose(1, 2), torch.cat(masses, dim=2)

@@ -54,7 +54,7 @@ def split_blocks(x: Tensor, block: int) -> Tensor:
 
     The result is contiguous: models hand q and k over as transposed views ([B, T, H, d] memory),
     and `gather_blocks` would otherwise copy the whole tensor on every call (one copy here instead;
-    at 32k tokens that was a quarter of a trace's time).
+    benchmarks/scale measures the trace with it).
 
     Args:
         x: [B, H, T, d].

@@ -104,7 +104,7 @@ def select_blocks(
     if config.representative == "block":
         keys, key_block = split_blocks(k, config.block_k), config.block_k
     else:  # the middle token of the centre block: key "blocks" of one token
-        keys, key_block = k.unsqueeze(3), 1
+        keys, key_block = split_blocks(k, 1), 1
     search = _Search(query_blocks, query_pos, keys, key_block, plan, config, tokens, sliding_window)
 
     n_q, most = query_pos.shape[0], plan.start.shape[1]
