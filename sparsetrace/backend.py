@@ -29,10 +29,11 @@ from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from .block_attention import block_sparse_attention
+from .block_attention import block_sparse_attention, flex_block_attention
 from .config import StreamConfig
 from .dense import dense_block_mass
 from .errors import InputError, UnsupportedModelError
+from .kernels import check_kernel, choose_kernel
 from .models import check_config_supported
 from .stream import Selection, select_blocks
 
@@ -80,6 +81,7 @@ class _Run:
     forward: str
     original: str  # the model's own attention implementation
     on_probabilities: ProbabilityCallback | None = None
+    kernel: str = "auto"  # `kernels.KERNELS`
 
 
 _ACTIVE: ContextVar[_Run | None] = ContextVar("sparsetrace_run", default=None)
@@ -117,13 +119,18 @@ def stream_attention_forward(
     if dropout:
         raise UnsupportedModelError("attention dropout is active; call model.eval() before tracing")
     config = run.config
-    selection = select_blocks(query, key, config, scaling=scaling, sliding_window=sliding_window)
+    kernel = choose_kernel(run.kernel, query.device, probabilities=run.on_probabilities is not None)
+    selection = select_blocks(query, key, config, scaling=scaling, sliding_window=sliding_window,
+                              compiled=kernel == "compile")
     if run.forward == "sparse":
-        hook = None if run.on_probabilities is None else partial(run.on_probabilities, module.layer_idx)
-        out, mass = block_sparse_attention(
-            query, key, value, selection.indices, block_q=config.block_q, block_k=config.block_k,
-            scaling=scaling, sliding_window=sliding_window, softcap=softcap, on_probabilities=hook,
-        )
+        blocks = dict(block_q=config.block_q, block_k=config.block_k, scaling=scaling, sliding_window=sliding_window,
+                      softcap=softcap)
+        if kernel == "flex":
+            out, mass = flex_block_attention(query, key, value, selection.indices, **blocks)
+        else:
+            hook = None if run.on_probabilities is None else partial(run.on_probabilities, module.layer_idx)
+            out, mass = block_sparse_attention(query, key, value, selection.indices, **blocks, on_probabilities=hook,
+                                               compiled=kernel == "compile")
         run.on_layer(LayerRecord(module.layer_idx, selection, mass, None, query, key, scaling, sliding_window))
         return out.transpose(1, 2).contiguous(), None
     # forward="dense": the model's own attention computes the output; we only measure.
@@ -207,6 +214,7 @@ def sparse_attention(
     on_layer: LayerCallback,
     forward: str = "sparse",
     on_probabilities: ProbabilityCallback | None = None,
+    kernel: str = "auto",
 ) -> Iterator[None]:
     """Run `model` on Stream sparse attention inside the block; restore its attention after.
 
@@ -216,18 +224,20 @@ def sparse_attention(
     `on_probabilities(layer, rows, probs, indices)`, if given, sees every query chunk's
     probabilities over its kept keys (forward="sparse" only: a dense forward has no sparse
     probabilities; for dense values trace with k covering every block, which equals dense attention).
+    `kernel` chooses the code that runs them (`kernels`: auto, eager, compile or flex); the same result.
     """
     if forward not in FORWARDS:
         raise InputError(f"forward={forward!r}; use 'sparse' (the model runs on the kept blocks) or 'dense'")
     if on_probabilities is not None and forward != "sparse":
         raise InputError("probability reducers (e.g. sentence attention) run on the sparse forward only; use "
                          "forward='sparse' (for dense values: a k that covers every key block)")
+    check_kernel(kernel)
     check_supported(model)
     previous = model.config._attn_implementation
     if forward == "dense" and previous not in AttentionMaskInterface._global_mapping:
         raise UnsupportedModelError(f"forward='dense' needs one of transformers' own attention implementations, "
                                     f"not {previous!r}; load the model with attn_implementation='sdpa'")
-    token = _ACTIVE.set(_Run(config, on_layer, forward, previous, on_probabilities))
+    token = _ACTIVE.set(_Run(config, on_layer, forward, previous, on_probabilities, kernel))
     try:
         model.set_attn_implementation(ATTENTION_NAME)
         if model.config._attn_implementation != ATTENTION_NAME:

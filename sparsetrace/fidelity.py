@@ -74,11 +74,12 @@ def check(
     max_tokens: int | None = None,
     allow_long: bool = False,
     progress: bool | None = None,
+    kernel: str = "auto",
 ) -> FidelityReport:
     """Measure recall (vs the oracle) and next-token behaviour of `config` on one input.
 
     Costs `n_match` dense forward passes, one dense-forward trace (with exact block masses, O(T^2)
-    time but O(T) memory per layer beyond its block grid) and one sparse trace.
+    time but O(T) memory per layer beyond its block grid) and one sparse trace. `kernel`: as `trace`.
     """
     config = config or StreamConfig()
     ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
@@ -93,8 +94,9 @@ def check(
         per_head[layer.layer] = (layer_recall(layer.selection.indices.cpu(), mass, tokens, config.block_q),
                                  layer_recall(best, mass, tokens, config.block_q))
 
-    run_trace(model, tokenizer, extended, config, forward="dense", progress=progress, on_layer=measure)
-    sparse, sparse_logits = run_trace(model, tokenizer, extended, config, logits_to_keep=n_match, progress=progress)
+    run_trace(model, tokenizer, extended, config, forward="dense", progress=progress, on_layer=measure, kernel=kernel)
+    sparse, sparse_logits = run_trace(model, tokenizer, extended, config, logits_to_keep=n_match, progress=progress,
+                                      kernel=kernel)
     layers = range(len(per_head))
     dense_p = torch.log_softmax(dense_logits, dim=-1)
     sparse_p = torch.log_softmax(sparse_logits, dim=-1)
@@ -166,6 +168,7 @@ def min_k(
     max_tokens: int | None = None,
     allow_long: bool = False,
     progress: bool | None = None,
+    kernel: str = "auto",
 ) -> MinKResult:
     """Binary search for the smallest k whose sparse model reproduces the next `n_match` tokens.
 
@@ -173,11 +176,13 @@ def min_k(
     checked: k passes, k - 1 fails, and k + 1 is tried too; `monotone_near_answer` is False when
     k + 1 fails again (the pass/fail relation is then not monotone in k on this input).
     `min_k` is None if not even k_max (default: every key block) reproduces the continuation.
+    `kernel`: as `trace`.
     """
     config = config or StreamConfig()
     ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long)
     extended, continuation, _ = greedy_continuation(model, ids, n_match)
-    return search_min_k(model, tokenizer, extended, continuation, config, k_max=k_max, progress=progress)
+    return search_min_k(model, tokenizer, extended, continuation, config, k_max=k_max, progress=progress,
+                        kernel=kernel)
 
 
 def search_min_k(
@@ -189,6 +194,7 @@ def search_min_k(
     *,
     k_max: int | None = None,
     progress: bool | None = None,
+    kernel: str = "auto",
 ) -> MinKResult:
     """`min_k` on an input already extended by its dense continuation (see `greedy_continuation`)."""
     k_max = k_max or num_blocks(len(extended), config.block_k)
@@ -198,7 +204,7 @@ def search_min_k(
     def passes(k: int) -> bool:
         if k not in passed:
             result, logits = run_trace(model, tokenizer, extended, config.with_k(k),
-                                       logits_to_keep=len(continuation), progress=progress)
+                                       logits_to_keep=len(continuation), progress=progress, kernel=kernel)
             passed[k] = bool(torch.equal(logits.argmax(-1), continuation))
             stats[k] = result.stats()
         return passed[k]

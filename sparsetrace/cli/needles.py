@@ -73,7 +73,7 @@ def run_niah(args: argparse.Namespace) -> None:
     prompt = niah_prompt(tokenizer, args.length, args.depth, seed=args.seed, haystack=haystack,
                          chat_template=False if args.no_chat_template else None)
     result = run(model, tokenizer, prompt, config, k=k, k_max=args.k_max, allow_long=args.allow_long,
-                 progress=progress(args), **threshold)
+                 progress=progress(args), kernel=args.kernel, **threshold)
     paths = save_niah(result, tokenizer, folder)
     summary = result.summary()
     if args.json:
@@ -116,7 +116,7 @@ def run_sweep(args: argparse.Namespace) -> None:
 
     cells = sweep(model, tokenizer, args.lengths, args.depths, folder, config, seed=args.seed, k_max=args.k_max,
                   haystack=haystack, chat_template=False if args.no_chat_template else None,
-                  allow_long=args.allow_long, progress=progress(args), on_cell=report, **threshold)
+                  allow_long=args.allow_long, progress=progress(args), kernel=args.kernel, on_cell=report, **threshold)
     if args.json:
         print(json.dumps(cells, indent=2))
     else:

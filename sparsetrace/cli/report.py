@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from .common import load, output_folder, output_path, progress, subcommand
+from .common import add_kernel_arguments, load, output_folder, output_path, progress, subcommand
 
 REPORT_EXAMPLES = """examples:
   sparsetrace report run.sptrace -o report.html
@@ -60,6 +60,7 @@ def register(sub) -> None:
     demo.add_argument("--model", default=None, help="Hugging Face causal LM (default: SmolLM2-135M-Instruct)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_kernel_arguments(demo)
 
 
 def run_report(args: argparse.Namespace) -> None:
@@ -123,10 +124,11 @@ def run_demo(args: argparse.Namespace) -> None:
     model, tokenizer = load(args)
     prompt = niah_prompt(tokenizer, args.length, args.depth)
     print("1/3  dense answer, smallest k that keeps it, trace and route", flush=True)
-    run = run_niah(model, tokenizer, prompt, StreamConfig(), k="auto", progress=bars)
+    run = run_niah(model, tokenizer, prompt, StreamConfig(), k="auto", progress=bars, kernel=args.kernel)
     paths = save_niah(run, tokenizer, folder)
     print(f"2/3  fidelity check at k = {run.k} (a dense pass with exact block masses, then a sparse one)", flush=True)
-    fidelity = check(model, tokenizer, config=StreamConfig(k=run.k), input_ids=prompt.token_ids, progress=bars)
+    fidelity = check(model, tokenizer, config=StreamConfig(k=run.k), input_ids=prompt.token_ids, progress=bars,
+                     kernel=args.kernel)
     paths["fidelity"] = str(write_json(folder / SIBLING_FIDELITY, fidelity.to_dict()))
     print("3/3  report", flush=True)
     figures = {caption: folder / name for name, caption in SIBLING_FIGURES.items()}

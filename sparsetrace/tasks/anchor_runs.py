@@ -134,6 +134,7 @@ def anchors(
     max_tokens: int | None = None,
     allow_long: bool = False,
     progress: bool | None = None,
+    kernel: str = "auto",
 ) -> AnchorsResult:
     """Thought anchors of one or more reasoning texts (module docstring).
 
@@ -144,6 +145,7 @@ def anchors(
             (start, end) char range; default "auto").
         labels: per text None (rule-based tags), a labels JSON path, or a list of category names.
         proximity, control_depth, top_heads, exclude_layer0, key_average: see `analysis.anchors`.
+        kernel: as `tracer.trace` ("flex" runs eager here: the unit reducer needs the probabilities).
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
@@ -173,7 +175,7 @@ def anchors(
             raise InputError(f"{name}: only {len(split)} units, too few for vertical scores with proximity "
                              f"{proximity}; give a longer text, finer units or a smaller proximity")
         matrix, traced, fidelity = _traced_unit_attention(model, tokenizer, ids, split, config, key_average,
-                                                          progress, check_answer=True)
+                                                          progress, kernel, check_answer=True)
         if given is None:
             tags, source = tag_units([u.text for u in split]), RULES_SOURCE
         elif isinstance(given, str | Path):
@@ -188,7 +190,8 @@ def anchors(
         item = AnchorText(name, split, matrix, vertical, head_kurtosis(vertical), traced, fidelity, source)
         if dense_check == "always" or (dense_check == "auto" and len(ids) <= dense_max_tokens):
             full = config.with_k(num_blocks(len(ids), config.block_k))
-            dense_matrix, _, _ = _traced_unit_attention(model, tokenizer, ids, split, full, key_average, progress)
+            dense_matrix, _, _ = _traced_unit_attention(model, tokenizer, ids, split, full, key_average, progress,
+                                                           kernel)
             item.dense_vertical = vertical_scores(dense_matrix, proximity, control_depth)
             item.dense_kurtosis = head_kurtosis(item.dense_vertical)
         fidelity["seconds"] = round(time.perf_counter() - started, 2)
@@ -201,7 +204,7 @@ def anchors(
     return AnchorsResult(results, mean, heads, settings, _dense_comparison(results, heads, top_heads, exclude_layer0))
 
 
-def _traced_unit_attention(model, tokenizer, ids, split, config, key_average, progress, check_answer=False):
+def _traced_unit_attention(model, tokenizer, ids, split, config, key_average, progress, kernel, check_answer=False):
     """One sparse trace with the unit reducer: (A [L, H, U, U], the trace, fidelity facts)."""
     info = describe_model(model)
     layers, heads, tokens = info["num_layers"], info["num_heads"], len(ids)
@@ -213,7 +216,7 @@ def _traced_unit_attention(model, tokenizer, ids, split, config, key_average, pr
     answer = split[-1]
     keep = min(tokens - answer.token_start + 1, ANSWER_MAX_POSITIONS) if check_answer else 1
     traced, logits = run_trace(model, tokenizer, ids, config, logits_to_keep=keep, progress=progress,
-                               on_probabilities=reducer)
+                               on_probabilities=reducer, kernel=kernel)
     fidelity = {}
     if check_answer:
         stats = traced.stats()

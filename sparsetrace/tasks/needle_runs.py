@@ -76,8 +76,9 @@ def run_niah(
     threshold: float = DEFAULT_THRESHOLD,
     allow_long: bool = False,
     progress: bool | None = None,
+    kernel: str = "auto",
 ) -> NiahRun:
-    """Answer, (min k,) trace and route for one prompt. `config` gives everything but k."""
+    """Answer, (min k,) trace and route for one prompt. `config` gives everything but k; `kernel`: as `trace`."""
     if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise InputError(f"k={k!r}; use a positive number of key blocks or 'auto' (the smallest that keeps the answer)")
     started = time.perf_counter()
@@ -87,10 +88,11 @@ def run_niah(
     extended = prepare_input(model, tokenizer, None, extended, config, allow_long=allow_long)
     found = None
     if k == "auto":
-        found = search_min_k(model, tokenizer, extended, answer.tokens, config, k_max=k_max, progress=progress)
+        found = search_min_k(model, tokenizer, extended, answer.tokens, config, k_max=k_max, progress=progress,
+                             kernel=kernel)
         k = found.min_k if found.min_k is not None else found.k_max
     traced, logits = run_trace(model, tokenizer, extended, config.with_k(k), logits_to_keep=len(answer.tokens),
-                               progress=progress)
+                               progress=progress, kernel=kernel)
     route = needle_route(traced, prompt.needle_tokens, (prompt.num_tokens - 1, len(extended)), threshold=threshold)
     return NiahRun(prompt, answer, k, found, traced, bool(torch.equal(logits.argmax(-1), answer.tokens)), route,
                    time.perf_counter() - started)
@@ -150,6 +152,7 @@ def sweep(
     threshold: float = DEFAULT_THRESHOLD,
     allow_long: bool = False,
     progress: bool | None = None,
+    kernel: str = "auto",
     on_cell=None,
 ) -> list[dict[str, Any]]:
     """Every length x depth cell: correctness, min k, kept fraction, compression, route. Resumable:
@@ -183,7 +186,7 @@ def sweep(
         write_summary()  # what is finished so far, before the long work of a new cell
         prompt = niah_prompt(tokenizer, length, depth, seed=seed, haystack=haystack, chat_template=chat_template)
         run = run_niah(model, tokenizer, prompt, config, k="auto", k_max=k_max, threshold=threshold,
-                       allow_long=allow_long, progress=progress)
+                       allow_long=allow_long, progress=progress, kernel=kernel)
         summary = run.summary()
         cell = {"length": length, "depth": depth, "tokens": prompt.num_tokens, "correct": run.answer.correct,
                 "dense_answer": run.answer.text, "expected": prompt.answer, "min_k": summary["min_k"],
