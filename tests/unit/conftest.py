@@ -1,4 +1,4 @@
-"""Shared fixtures for the unit tests: a tiny fast tokenizer that needs no download."""
+"""Shared fixtures for the unit tests: a tiny fast tokenizer that needs no download, a tiny model folder."""
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -22,3 +22,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=special, eos_token=special, pad_token=special
     )
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, tiny_tokenizer) -> str:
+    """A tiny random-weight Llama saved with the tiny tokenizer: what `--model FOLDER` loads."""
+    from tiny_models import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -4,20 +4,11 @@ import io
 import json
 
 import pytest
-from tiny_models import tiny_model
 
 from sparsetrace.cli import main
 from sparsetrace.trace import load_trace
 
 TEXT = "The keeper lit the lamp at dusk. The lamp burned until dawn. " * 5
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, tiny_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture

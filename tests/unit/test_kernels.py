@@ -110,14 +110,6 @@ def test_every_tracing_command_takes_kernel_and_no_compile(command):
         parser.parse_args([*command, "--kernel", "compile", "--no-compile"])
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, tiny_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.mark.parametrize("flags,kernel", [([], "auto"), (["--no-compile"], "eager"), (["--kernel", "flex"], "flex")])
 def test_the_kernel_flags_reach_the_tracer(flags, kernel, tmp_path, model_folder, monkeypatch):
     text = tmp_path / "input.txt"
