@@ -229,7 +229,7 @@ def main() -> None:
     if not args.replot:
         model, tokenizer = load_model(args.model)
         cells = out / "cells"
-        cells.mkdir(exist_ok=True)
+        cells.mkdir(parents=True, exist_ok=True)
         for length in args.lengths:
             for text in args.texts:
                 path = cells / f"{text}_{length}.json"

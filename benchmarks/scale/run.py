@@ -1,6 +1,6 @@
 """Scale and speed, 1k-32k tokens: sparsetrace against the ways people keep attention today.
 
-Four tools on the default model (SmolLM2-135M-Instruct, float32, CPU), side by side in one run:
+Four tools on the default model (SmolLM2-135M-Instruct, float32, CPU; or --model), side by side in one run:
 
     dense    the plain forward pass (transformers' sdpa): keeps no attention, the speed to beat
     eager    transformers' eager attention with output_attentions=True (what TransformerLens,
@@ -31,6 +31,8 @@ Setup (once: a venv for nnsight, pinned to this environment's torch and transfor
 
     python benchmarks/scale/run.py --setup
     python benchmarks/scale/run.py --lengths 1024 2048 4096 8192 16384 32768 --runs 3
+
+`--model gemma-3-270m --out benchmarks/scale/gemma` runs the same on Gemma 3 270M (32k context).
 """
 
 from __future__ import annotations

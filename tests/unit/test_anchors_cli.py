@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from test_cli import model_folder, run  # noqa: F401  (the shared tiny-model folder fixture)
+from test_cli import run
 from tiny_models import tiny_model
 
 import sparsetrace as st
