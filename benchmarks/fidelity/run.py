@@ -330,8 +330,9 @@ def plot(results: dict, out: Path) -> None:
             if row == len(texts) - 1:
                 ax.set_xlabel("k")
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Recall vs k: share of the dense attention inside the kept blocks ({results['model']}, "
-                 f"{results['block']}-token blocks, {results['forced']})")
+    model = results["model"].split(" (")[0]
+    fig.suptitle(f"Recall vs k: share of the dense attention inside the kept blocks\n({model}, "
+                 f"{results['block']}-token blocks, {results['forced']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "recall_vs_k.png", dpi=120)
 
