@@ -3,7 +3,8 @@
 Two questions, answered on the same input:
 
 - **Recall**: how much of the model's real (dense) attention falls inside the kept blocks? The
-  selection is measured on the unmodified model's q and k (a `forward="dense"` trace), against
+  selection is measured on the unmodified model's q and k (a `forward="dense"` trace of the
+  prompt, which is also the first pass of the dense continuation below), against
   the exact dense block masses, and against the **oracle**: the same forced blocks plus the k
   blocks of largest true mass, the best any selection of the same budget can do.
 - **Behaviour** (the paper's check): does the sparse model reproduce the dense model's greedy
@@ -28,13 +29,17 @@ from .blocks import num_blocks, queries_per_row
 from .config import StreamConfig
 from .dense import oracle_selection, recall
 from .errors import InputError
-from .models import input_device
+from .models import input_device, kv_cache
 from .tracer import prepare_input, run_trace
 
 
 @dataclass
 class FidelityReport:
-    """What `check` measured. Per-layer lists are indexed by layer; per-head ones by [layer][head]."""
+    """What `check` measured. Per-layer lists are indexed by layer; per-head ones by [layer][head].
+
+    `tokens` is the length of the teacher-forced sparse pass (the prompt and all but the last
+    continuation token); recall is measured over the prompt.
+    """
 
     tokens: int
     config: dict[str, Any]
@@ -78,23 +83,26 @@ def check(
 ) -> FidelityReport:
     """Measure recall (vs the oracle) and next-token behaviour of `config` on one input.
 
-    Costs `n_match` dense forward passes, one dense-forward trace (with exact block masses, O(T^2)
-    time but O(T) memory per layer beyond its block grid) and one sparse trace. `kernel`: as `trace`.
+    Costs one dense forward pass (plus `n_match` - 1 cached one-token steps), one dense-forward
+    trace (with exact block masses, O(T^2) time but O(T) memory per layer beyond its block grid)
+    and one sparse trace. `kernel`: as `trace`.
     """
     config = config or StreamConfig()
     ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
                         forward="dense")
-    extended, continuation, dense_logits = greedy_continuation(model, ids, n_match)
-    tokens = len(extended)
     per_head: dict[int, tuple[Tensor, Tensor]] = {}
 
     def measure(layer: LayerRecord) -> None:
         mass = layer.block_mass.cpu()
-        best = oracle_selection(mass, config, tokens, layer.sliding_window).indices
-        per_head[layer.layer] = (layer_recall(layer.selection.indices.cpu(), mass, tokens, config.block_q),
-                                 layer_recall(best, mass, tokens, config.block_q))
+        best = oracle_selection(mass, config, len(ids), layer.sliding_window).indices
+        per_head[layer.layer] = (layer_recall(layer.selection.indices.cpu(), mass, len(ids), config.block_q),
+                                 layer_recall(best, mass, len(ids), config.block_q))
 
-    run_trace(model, tokenizer, extended, config, forward="dense", progress=progress, on_layer=measure, kernel=kernel)
+    # the dense-forward trace of the prompt is also the first pass of the dense greedy continuation
+    cache = kv_cache(model)
+    _, first = run_trace(model, tokenizer, ids, config, forward="dense", progress=progress, on_layer=measure,
+                         kernel=kernel, cache=cache)
+    extended, continuation, dense_logits = greedy_continuation(model, ids, n_match, prefilled=(first[-1], cache))
     sparse, sparse_logits = run_trace(model, tokenizer, extended, config, logits_to_keep=n_match, progress=progress,
                                       kernel=kernel)
     layers = range(len(per_head))
@@ -102,7 +110,7 @@ def check(
     sparse_p = torch.log_softmax(sparse_logits, dim=-1)
     kl = (dense_p.exp() * (dense_p - sparse_p)).sum(-1)
     return FidelityReport(
-        tokens=tokens,
+        tokens=len(extended),
         config=config.to_dict(),
         recall=[float(per_head[i][0].mean()) for i in layers],
         oracle_recall=[float(per_head[i][1].mean()) for i in layers],
@@ -117,11 +125,18 @@ def check(
     )
 
 
-def greedy_continuation(model, ids: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+def greedy_continuation(
+    model, ids: Tensor, n: int, *, prefilled: tuple[Tensor, dict] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The dense model's greedy continuation of `ids`, for teacher forcing.
+
+    One dense pass over the prompt, then n - 1 one-token steps on its key/value cache: at long
+    contexts this costs one dense forward instead of n.
 
     Args:
         ids: int64 [T] the prompt.
+        prefilled: (float32 [vocab] last-position logits, `kv_cache`) of a dense pass over `ids`
+            that already ran (e.g. a dense-forward trace); then only the n - 1 steps run.
     Returns:
         extended: int64 [T + n - 1], the prompt and all but the last continuation token (the
         input whose last n positions predict the continuation); continuation: int64 [n];
@@ -130,16 +145,20 @@ def greedy_continuation(model, ids: Tensor, n: int) -> tuple[Tensor, Tensor, Ten
     if n < 1:
         raise InputError(f"n_match={n}; compare at least one next token (the paper uses 2)")
     device = input_device(model)
-    sequence = ids
+    if prefilled is None:
+        cache = kv_cache(model)
+        with torch.inference_mode():
+            first = model(input_ids=ids[None].to(device), use_cache=True, logits_to_keep=1, **cache).logits[0, -1]
+    else:
+        first, cache = prefilled
+    rows = [first.float().cpu()]
     with torch.inference_mode():
-        for step in range(n):
-            last = step == n - 1  # the final pass also gives the logits of all n positions
-            logits = model(input_ids=sequence[None].to(device), use_cache=False,
-                           logits_to_keep=n if last else 1).logits[0]
-            if not last:
-                sequence = torch.cat([sequence, logits[-1:].argmax(-1).cpu()])
-    logits = logits.float().cpu()
-    return sequence, logits.argmax(-1), logits
+        for _ in range(n - 1):
+            step = rows[-1].argmax(-1, keepdim=True)[None].to(device)
+            rows.append(model(input_ids=step, use_cache=True, logits_to_keep=1, **cache).logits[0, -1].float().cpu())
+    logits = torch.stack(rows)
+    continuation = logits.argmax(-1)
+    return torch.cat([ids, continuation[:-1]]), continuation, logits
 
 
 @dataclass

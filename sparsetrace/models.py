@@ -24,6 +24,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -217,6 +218,16 @@ def input_device(model: PreTrainedModel) -> torch.device:
     embedding = model.get_input_embeddings()
     device = _hook_execution_device(embedding)
     return embedding.weight.device if device is None else device
+
+
+def kv_cache(model: PreTrainedModel) -> dict[str, DynamicCache]:
+    """An empty key/value cache as the forward's keyword argument: `model(ids, use_cache=True, **cache)`.
+
+    The forward fills it in place, so decoding goes on from any pass that took it. transformers 5.2x
+    renamed the argument from `past_key_values` to `cache`; this takes whichever the model has.
+    """
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: DynamicCache(config=model.config)}
 
 
 def execution_devices(model: PreTrainedModel) -> set[torch.device]:

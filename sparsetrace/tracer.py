@@ -102,6 +102,7 @@ def run_trace(
     on_layer: LayerCallback | None = None,
     on_probabilities: ProbabilityCallback | None = None,
     kernel: str = "auto",
+    cache: dict | None = None,
 ) -> tuple[Trace, Tensor]:
     """One traced forward pass over checked token ids (see `prepare_input`).
 
@@ -112,6 +113,7 @@ def run_trace(
         on_probabilities: a reducer of every query chunk's kept-key probabilities, as
             `backend.sparse_attention` (e.g. `analysis.anchors.UnitAttention`); forward="sparse" only.
         kernel: as `trace`.
+        cache: a `models.kv_cache` for the forward to fill (forward="dense": decoding can go on from it).
     Returns:
         the `Trace`, and float32 [logits_to_keep, vocab] logits of the last positions.
     """
@@ -134,7 +136,8 @@ def run_trace(
     switched = sparse_attention(model, config, record, forward=forward, on_probabilities=on_probabilities,
                                 kernel=kernel)
     with bar, switched, torch.inference_mode():
-        output = model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=logits_to_keep)
+        output = model(input_ids=ids[None].to(device), use_cache=cache is not None, logits_to_keep=logits_to_keep,
+                       **(cache or {}))
     seconds = time.perf_counter() - started
     missing = [layer for layer, x in enumerate(indices) if x is None]
     if missing:

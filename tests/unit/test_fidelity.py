@@ -70,9 +70,15 @@ def test_min_k_passes_and_k_minus_one_fails(llama):
     assert result.stats_at_min_k["k"] == result.min_k
 
 
-def test_greedy_continuation_matches_plain_decoding(llama):
-    extended, continuation, logits = greedy_continuation(llama, IDS, 3)
-    assert continuation.tolist() == _independent_greedy(llama, IDS, 3).tolist()
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_greedy_continuation_matches_plain_decoding(name):
+    """The cached decoding gives the tokens and logits of full forward passes (sliding layers too)."""
+    model = tiny_model(name)
+    extended, continuation, logits = greedy_continuation(model, IDS, 3)
+    assert continuation.tolist() == _independent_greedy(model, IDS, 3).tolist()
     assert torch.equal(extended, torch.cat([IDS, continuation[:2]])) and logits.shape == (3, 260)
+    with torch.no_grad():
+        full = model(extended[None], use_cache=False).logits[0, -3:]
+    torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
     with pytest.raises(InputError, match="n_match"):
-        greedy_continuation(llama, IDS, 0)
+        greedy_continuation(model, IDS, 0)
