@@ -88,8 +88,9 @@ def check(
     and one sparse trace. `kernel`: as `trace`.
     """
     config = config or StreamConfig()
+    _check_n_match(n_match)
     ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
-                        forward="dense")
+                        forward="dense", continuation=n_match - 1)
     per_head: dict[int, tuple[Tensor, Tensor]] = {}
 
     def measure(layer: LayerRecord) -> None:
@@ -142,8 +143,7 @@ def greedy_continuation(
         input whose last n positions predict the continuation); continuation: int64 [n];
         logits: float32 [n, vocab], the dense model's logits at those n positions.
     """
-    if n < 1:
-        raise InputError(f"n_match={n}; compare at least one next token (the paper uses 2)")
+    _check_n_match(n)
     device = input_device(model)
     if prefilled is None:
         cache = kv_cache(model)
@@ -159,6 +159,11 @@ def greedy_continuation(
     logits = torch.stack(rows)
     continuation = logits.argmax(-1)
     return torch.cat([ids, continuation[:-1]]), continuation, logits
+
+
+def _check_n_match(n: int) -> None:
+    if n < 1:
+        raise InputError(f"n_match={n}; compare at least one next token (the paper uses 2)")
 
 
 @dataclass
@@ -198,7 +203,9 @@ def min_k(
     `kernel`: as `trace`.
     """
     config = config or StreamConfig()
-    ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long)
+    _check_n_match(n_match)
+    ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
+                        continuation=n_match - 1)
     extended, continuation, _ = greedy_continuation(model, ids, n_match)
     return search_min_k(model, tokenizer, extended, continuation, config, k_max=k_max, progress=progress,
                         kernel=kernel)

@@ -78,15 +78,20 @@ def prepare_input(
     max_tokens: int | None = None,
     allow_long: bool = False,
     forward: str = "sparse",
+    continuation: int = 0,
 ) -> Tensor:
-    """The input as int64 [T], refused early when empty, too long or too big for free memory."""
+    """The input as int64 [T], refused early when empty, too long or too big for free memory.
+
+    `continuation`: positions a later pass appends (a teacher-forced answer); the prompt and they
+    must fit the context together, checked now rather than after the dense work.
+    """
     ids = _token_ids(tokenizer, text, input_ids)
     if max_tokens is not None:
         if max_tokens < 1:
             raise InputError(f"max_tokens={max_tokens}; use a positive number of tokens")
         ids = ids[:max_tokens]
-    _check_length(len(ids), describe_model(model).get("max_positions"), allow_long)
-    check_memory(model, len(ids), config, forward=forward)
+    _check_length(len(ids), describe_model(model).get("max_positions"), allow_long, continuation)
+    check_memory(model, len(ids) + continuation, config, forward=forward)
     return ids
 
 
@@ -177,13 +182,21 @@ def _token_ids(tokenizer, text: str | None, input_ids: Tensor | list[int] | None
     return ids.long()
 
 
-def _check_length(tokens: int, context: int | None, allow_long: bool) -> None:
-    if context is not None and tokens > context and not allow_long:
+def _check_length(tokens: int, context: int | None, allow_long: bool, continuation: int = 0) -> None:
+    if context is None or tokens + continuation <= context or allow_long:
+        return
+    if continuation == 0:
         raise InputError(
             f"the input is {tokens:,} tokens, longer than the model's {context:,}-token context; shorten it, "
             f"keep the first {context:,} tokens (max_tokens / --max-tokens), or trace past the trained "
             "context anyway (allow_long=True / --allow-long)"
         )
+    raise InputError(
+        f"the input is {tokens:,} tokens and its continuation takes up to {continuation} more positions: "
+        f"{tokens + continuation:,}, longer than the model's {context:,}-token context; shorten the input to "
+        f"{context - continuation:,} tokens or fewer (max_tokens / --max-tokens, or --length), or run past the "
+        "trained context anyway (allow_long=True / --allow-long)"
+    )
 
 
 def estimate_memory(model, tokens: int, config: StreamConfig, forward: str = "sparse") -> int:

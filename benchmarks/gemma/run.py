@@ -2,7 +2,8 @@
 
 Every (command, length) runs in a fresh process exactly as a user would type it
 (`sparsetrace COMMAND ... --model gemma-3-270m`, default settings, k = 8), on a RULER-style needle
-prompt without chat template, needle at depth 0.5 (`niah_prompt`; `niah` builds the same prompt
+prompt without chat template (at 32k tokens shortened by the positions check and niah append,
+see `prompt_tokens`), needle at depth 0.5 (`niah_prompt`; `niah` builds the same prompt
 itself); `anchors` reads the built-in sample essay repeated to the length instead, and runs without
 its optional dense reference (`--dense-check never`), so that every length does the same work.
 Measured: wall time from start to exit (model load included; a load-only process gives that part
@@ -28,6 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 MODEL = "gemma-3-270m"
+CONTEXT = 32768
 COMMANDS = ("load", "trace", "check", "anchors", "niah")
 
 
@@ -41,8 +43,8 @@ def command_line(command: str, tokens: int, text: Path, scratch: Path) -> list[s
         "trace": [str(text), "-o", str(scratch / "run.sptrace")],
         "check": [str(text)],
         "anchors": [str(text), "-o", str(scratch / "anchors"), "--dense-check", "never"],
-        "niah": ["--length", str(tokens), "--depth", "0.5", "--k", "8", "--no-chat-template", "-o",
-                 str(scratch / "niah")],
+        "niah": ["--length", str(prompt_tokens(command, tokens)), "--depth", "0.5", "--k", "8",
+                 "--no-chat-template", "-o", str(scratch / "niah")],
     }[command] + common
 
 
@@ -65,13 +67,21 @@ def run_once(argv: list[str], scratch: Path) -> dict:
     return row
 
 
+def prompt_tokens(command: str, tokens: int) -> int:
+    """The prompt length for `tokens`: check and niah append their teacher-forced answer (1 and up
+    to 11 positions), so at the full context their prompt is that much shorter."""
+    from sparsetrace.tasks.niah import ANSWER_TOKENS
+
+    return min(tokens, CONTEXT - {"check": 1, "niah": ANSWER_TOKENS - 1}.get(command, 0))
+
+
 def input_text(command: str, tokens: int, tokenizer) -> str:
     """The needle prompt; for `anchors` the built-in sample essay repeated (the haystack's 10-token
     sentences would make a unit of every sentence: a worst case, not a chain of thought)."""
     from sparsetrace import niah_prompt
 
     if command != "anchors":
-        return niah_prompt(tokenizer, tokens, 0.5, chat_template=False).text
+        return niah_prompt(tokenizer, prompt_tokens(command, tokens), 0.5, chat_template=False).text
     essay = resources.files("sparsetrace").joinpath("data/sample.txt").read_text()
     ids = tokenizer(essay, add_special_tokens=False)["input_ids"]
     return tokenizer.decode((ids * (tokens // len(ids) + 1))[: tokens - 1])

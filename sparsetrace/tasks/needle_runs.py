@@ -23,7 +23,7 @@ from ..fidelity import MinKResult, search_min_k
 from ..files import save_figure, write_json
 from ..trace import Trace
 from ..tracer import prepare_input, run_trace
-from .niah import DenseAnswer, NiahPrompt, dense_answer, niah_prompt
+from .niah import ANSWER_TOKENS, DenseAnswer, NiahPrompt, dense_answer, niah_prompt
 
 SWEEP_PANELS = {
     "correct": "dense answer right (1 = yes)",
@@ -83,9 +83,10 @@ def run_niah(
         raise InputError(f"k={k!r}; use a positive number of key blocks or 'auto' (the smallest that keeps the answer)")
     started = time.perf_counter()
     config = config or StreamConfig()
+    prepare_input(model, tokenizer, None, prompt.token_ids, config, allow_long=allow_long,
+                  continuation=ANSWER_TOKENS - 1)  # refuse before the dense answer, not after it
     answer = dense_answer(model, tokenizer, prompt)
     extended = torch.cat([prompt.token_ids, answer.tokens[:-1]])
-    extended = prepare_input(model, tokenizer, None, extended, config, allow_long=allow_long)
     found = None
     if k == "auto":
         found = search_min_k(model, tokenizer, extended, answer.tokens, config, k_max=k_max, progress=progress,

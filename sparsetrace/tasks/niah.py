@@ -28,6 +28,7 @@ TEMPLATE = (
     "I will quiz you about the numbers afterwards.\n{context}\n"
     "What is the special magic number for {key} mentioned in the provided text?"
 )
+ANSWER_TOKENS = 12  # the dense answer's greedy decoding stops here: a 7-digit number and its spacing
 ANSWER_PREFIX = " The special magic number for {key} mentioned in the provided text is"
 _KEY_WORDS = (
     "amber", "silent", "northern", "granite", "quiet", "hollow", "crimson", "distant", "gentle", "rapid",
@@ -166,7 +167,7 @@ class DenseAnswer:
     correct: bool
 
 
-def dense_answer(model, tokenizer, prompt: NiahPrompt, max_new_tokens: int = 12) -> DenseAnswer:
+def dense_answer(model, tokenizer, prompt: NiahPrompt, max_new_tokens: int = ANSWER_TOKENS) -> DenseAnswer:
     """Greedy decoding on the model's own (dense) attention, `max_new_tokens` at most."""
     device = input_device(model)
     pad = model.generation_config.pad_token_id

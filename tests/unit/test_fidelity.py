@@ -82,3 +82,13 @@ def test_greedy_continuation_matches_plain_decoding(name):
     torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
     with pytest.raises(InputError, match="n_match"):
         greedy_continuation(model, IDS, 0)
+
+
+@pytest.mark.parametrize("run", [check, min_k])
+def test_an_input_whose_continuation_would_pass_the_context_is_refused_before_any_pass(llama, run, monkeypatch):
+    ids = torch.randint(0, 250, (1024,), generator=torch.Generator().manual_seed(1))  # the context: 1,024
+    monkeypatch.setattr(llama, "forward", lambda *a, **k: pytest.fail("a forward pass ran"))
+    with pytest.raises(InputError, match=r"up to 1 more positions: 1,025.*1,023 tokens or fewer"):
+        run(llama, None, input_ids=ids, config=StreamConfig(block_size=64))
+    with pytest.raises(InputError, match="n_match=0"):
+        run(llama, None, input_ids=ids[:100], config=StreamConfig(block_size=64), n_match=0)

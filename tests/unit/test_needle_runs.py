@@ -8,6 +8,7 @@ from tiny_models import tiny_model
 
 from sparsetrace.cli import main
 from sparsetrace.config import StreamConfig
+from sparsetrace.errors import InputError
 from sparsetrace.tasks.needle_runs import run_niah, save_niah, sweep
 from sparsetrace.tasks.niah import niah_prompt
 from sparsetrace.trace import load_trace
@@ -93,3 +94,13 @@ def test_bad_needle_options_exit_2_before_loading(capsys, tmp_path, argv, messag
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists(), "nothing is written on bad input"
+
+
+def test_a_prompt_whose_answer_would_pass_the_context_is_refused_before_the_dense_answer(
+        model, tiny_tokenizer, monkeypatch):
+    prompt = niah_prompt(tiny_tokenizer, 700, 0.5, seed=1)
+    context = prompt.num_tokens + 5  # the prompt fits, its answer (up to 11 more positions) does not
+    monkeypatch.setattr(model.config, "max_position_embeddings", context)
+    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("the dense answer ran"))
+    with pytest.raises(InputError, match=rf"up to 11 more positions.*{context - 11:,} tokens or fewer"):
+        run_niah(model, tiny_tokenizer, prompt, CONFIG, k=2, progress=False)
