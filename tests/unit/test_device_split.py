@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from sparsetrace import tracer as tracer_module
 from sparsetrace.config import StreamConfig
 from sparsetrace.errors import MemoryRequestError
+from sparsetrace.fidelity import check
 from sparsetrace.models import describe_model, execution_devices, input_device, load_model
 from sparsetrace.tracer import estimate_memory, trace
 
@@ -93,6 +94,17 @@ def test_small_k_trace_of_a_split_model_keeps_the_unsplit_blocks(saved, tmp_path
         assert torch.equal(got.blocks(layer)[0], expected.blocks(layer)[0]), f"layer {layer}"
         torch.testing.assert_close(got.blocks(layer)[1], expected.blocks(layer)[1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.next_token_logits, expected.next_token_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("how", SPLITS)
+def test_check_of_a_split_model_equals_the_unsplit_check(saved, tmp_path, tiny_tokenizer, how):
+    """check's dense continuation decodes on a KV cache whose layers live where the model's do."""
+    whole = saved[1]
+    split = _load_split(saved, tmp_path, how)
+    expected, got = (check(model, tiny_tokenizer, TEXT, SMALL_K, n_match=3) for model in (whole, split))
+    assert got.continuation == expected.continuation and got.sparse_predictions == expected.sparse_predictions
+    assert got.recall == pytest.approx(expected.recall, abs=1e-5)
+    assert got.kl_next_token == pytest.approx(expected.kl_next_token, abs=1e-4)
 
 
 def test_model_facts_and_memory_checks_read_offloaded_weights(saved, tmp_path, tiny_tokenizer, monkeypatch):
