@@ -12,9 +12,9 @@
   `BlockMask.from_kv_blocks` of the kept blocks (`block_attention.flex_block_attention`); the
   estimator runs eager.
 - "auto" (default): the fastest for the device. On CPU "eager": in benchmarks/fast_paths (2 cores,
-  shared with other benchmarks) no other path was faster than eager for estimator plus attention
-  at 4k-16k tokens (compile 0.77 s vs eager 0.53 s a layer at 4k), the ratios swung with the load,
-  and compiling made a process's first calls take 19.7 s instead of 2.4 s (at 4k). On CUDA "flex",
+  quiet) no other path was faster than eager for estimator plus attention at 4k-32k tokens
+  (compile 1.17-1.40x, flex 1.06-1.28x eager's time a layer), and compiling made a process's
+  first calls take 20 s instead of 0.2 s (at 4k). On CUDA "flex",
   not measured here (no GPU): flex_attention's fused kernels are what it is built for.
 
 Fallbacks: a request a path cannot serve runs eager. The `on_probabilities` hook (e.g. sentence
