@@ -226,7 +226,7 @@ def kv_cache(model: PreTrainedModel) -> dict[str, DynamicCache]:
     The forward fills it in place, so decoding goes on from any pass that took it. transformers 5.2x
     renamed the argument from `past_key_values` to `cache`; this takes whichever the model has.
     """
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     return {name: DynamicCache(config=model.config)}
 
 
