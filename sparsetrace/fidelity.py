@@ -145,14 +145,13 @@ def greedy_continuation(
     """
     _check_n_match(n)
     device = input_device(model)
-    if prefilled is None:
-        cache = kv_cache(model)
-        with torch.inference_mode():
-            first = model(input_ids=ids[None].to(device), use_cache=True, logits_to_keep=1, **cache).logits[0, -1]
-    else:
-        first, cache = prefilled
-    rows = [first.float().cpu()]
     with torch.inference_mode():
+        if prefilled is None:
+            cache = kv_cache(model)
+            first = model(input_ids=ids[None].to(device), use_cache=True, logits_to_keep=1, **cache).logits[0, -1]
+        else:
+            first, cache = prefilled
+        rows = [first.float().cpu()]
         for _ in range(n - 1):
             step = rows[-1].argmax(-1, keepdim=True)[None].to(device)
             rows.append(model(input_ids=step, use_cache=True, logits_to_keep=1, **cache).logits[0, -1].float().cpu())
