@@ -6,6 +6,7 @@
 >>> tr.save("run.sptrace"); st.load_trace("run.sptrace").stats()    # doctest: +SKIP
 """
 
+from .ablation import AblationResult, response_logprobs
 from .analysis.flow import Flow, flow
 from .analysis.routes import NeedleRoute, Route, flow_graph, needle_route, route
 from .analysis.salience import Salience, salience
@@ -20,6 +21,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .fidelity import FidelityReport, MinKResult, check, min_k
+from .interventions import Intervention
 from .models import describe_model, load_model, load_tokenizer
 from .report import build_report, report
 from .stream import Selection, select_blocks
@@ -32,6 +34,9 @@ from .tracer import trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "AblationResult",
+    "Intervention",
+    "response_logprobs",
     "AnchorText",
     "AnchorsResult",
     "anchors",

@@ -13,6 +13,11 @@ bidirectional spans) and refuses anything else; causality and sliding windows ar
 inside the block computation from the `sliding_window` keyword each layer passes.
 
 `sparse_attention(model, ...)` switches a model to this backend and always switches it back.
+
+Causal checks (`interventions`) ride on the same function: a per-layer `LayerKnockout` hides keys
+inside the kept blocks and removes heads' outputs. forward="exact" runs them on dense attention
+(the model's own where a layer knocks out no span, `dense.dense_attention` where it does), with
+no selection and, unlike the sparse pass, on a KV cache too.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -31,15 +36,16 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .block_attention import block_sparse_attention, flex_block_attention
 from .config import StreamConfig
-from .dense import dense_block_mass
+from .dense import dense_attention, dense_block_mass
 from .errors import InputError, UnsupportedModelError
+from .interventions import LayerKnockout
 from .kernels import check_kernel, choose_kernel
 from .models import check_config_supported
 from .stream import Selection, select_blocks
 
 ATTENTION_NAME = "sparsetrace"
 
-FORWARDS = ("sparse", "dense")
+FORWARDS = ("sparse", "dense", "exact")
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class _Run:
     original: str  # the model's own attention implementation
     on_probabilities: ProbabilityCallback | None = None
     kernel: str = "auto"  # `kernels.KERNELS`
+    knockouts: list[LayerKnockout | None] | None = None  # per layer (`interventions`)
+    layers_seen: set[int] = field(default_factory=set)
 
 
 _ACTIVE: ContextVar[_Run | None] = ContextVar("sparsetrace_run", default=None)
@@ -113,6 +121,18 @@ def stream_attention_forward(
     if s_aux is not None:
         raise UnsupportedModelError("this model uses learned attention sinks (s_aux, e.g. gpt-oss), "
                                     "which sparsetrace does not support yet; use a model without them")
+    run.layers_seen.add(module.layer_idx)
+    knock = run.knockouts[module.layer_idx] if run.knockouts else None
+    if run.forward == "exact":
+        if knock is not None and knock.hidden_from is not None:
+            out = dense_attention(query, key, value, scaling=scaling, sliding_window=sliding_window, softcap=softcap,
+                                  hidden_from=knock.hidden_from.to(query.device))
+        else:
+            out = _model_attention(module, run.original)(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                sliding_window=sliding_window, softcap=softcap, **kwargs,
+            )[0]
+        return (out if knock is None else knock.remove_heads(out)), None
     if query.shape[2] != key.shape[2] or (attention_mask is not None and run.forward == "sparse"):
         raise UnsupportedModelError("sparsetrace traces one plain causal forward pass without a KV cache; "
                                     "call the model with use_cache=False and no attention mask")
@@ -120,6 +140,9 @@ def stream_attention_forward(
         raise UnsupportedModelError("attention dropout is active; call model.eval() before tracing")
     config = run.config
     kernel = choose_kernel(run.kernel, query.device, probabilities=run.on_probabilities is not None)
+    hidden_from = None if knock is None or knock.hidden_from is None else knock.hidden_from.to(query.device)
+    if hidden_from is not None:
+        kernel = "eager"  # the knockout mask lives in the eager block attention
     selection = select_blocks(query, key, config, scaling=scaling, sliding_window=sliding_window,
                               compiled=kernel == "compile")
     if run.forward == "sparse":
@@ -130,9 +153,10 @@ def stream_attention_forward(
         else:
             hook = None if run.on_probabilities is None else partial(run.on_probabilities, module.layer_idx)
             out, mass = block_sparse_attention(query, key, value, selection.indices, **blocks, on_probabilities=hook,
-                                               compiled=kernel == "compile")
+                                               compiled=kernel == "compile", hidden_from=hidden_from)
         run.on_layer(LayerRecord(module.layer_idx, selection, mass, None, query, key, scaling, sliding_window))
-        return out.transpose(1, 2).contiguous(), None
+        out = out.transpose(1, 2).contiguous()
+        return (out if knock is None else knock.remove_heads(out)), None
     # forward="dense": the model's own attention computes the output; we only measure.
     block_mass = dense_block_mass(query, key, block_q=config.block_q, block_k=config.block_k, scaling=scaling,
                                   sliding_window=sliding_window, softcap=softcap)
@@ -170,15 +194,16 @@ def plain_causal_mask(
     (forward="sparse") or the model's own mask (forward="dense")."""
     if attention_mask is not None and not bool(attention_mask.all()):
         raise InputError("padded batches are not supported; trace one text at a time (batch size 1, no padding)")
-    if q_offset or kv_offset or q_length != kv_length:
+    run = _ACTIVE.get()
+    exact = run is not None and run.forward == "exact"  # may decode on a cache
+    if not exact and (q_offset or kv_offset or q_length != kv_length):
         raise UnsupportedModelError("sparsetrace traces a full forward pass; do not pass a KV cache")
     if not allow_is_causal_skip:
         raise UnsupportedModelError(
             "this model asks for a non-causal attention pattern (packed sequences, image tokens or "
             "bidirectional spans); sparsetrace traces plain causal text"
         )
-    run = _ACTIVE.get()
-    if run is not None and run.forward == "dense":  # the model's own attention needs its own mask
+    if run is not None and run.forward in ("dense", "exact"):  # the model's own attention needs its own mask
         return AttentionMaskInterface._global_mapping[run.original](
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
             attention_mask=attention_mask, allow_is_causal_skip=allow_is_causal_skip, **kwargs,
@@ -215,7 +240,8 @@ def sparse_attention(
     forward: str = "sparse",
     on_probabilities: ProbabilityCallback | None = None,
     kernel: str = "auto",
-) -> Iterator[None]:
+    knockouts: list[LayerKnockout | None] | None = None,
+) -> Iterator[_Run]:
     """Run `model` on Stream sparse attention inside the block; restore its attention after.
 
     `on_layer(record)` receives a `LayerRecord` once per attention layer per forward pass. With
@@ -225,6 +251,9 @@ def sparse_attention(
     probabilities over its kept keys (forward="sparse" only: a dense forward has no sparse
     probabilities; for dense values trace with k covering every block, which equals dense attention).
     `kernel` chooses the code that runs them (`kernels`: auto, eager, compile or flex); the same result.
+    forward="exact" runs the model's dense attention with `knockouts` applied and measures nothing.
+    `knockouts` (per layer, `interventions.LayerKnockout` or None) apply to the "sparse" and "exact"
+    forwards; the layers that ran are in the yielded run's `layers_seen`.
     """
     if forward not in FORWARDS:
         raise InputError(f"forward={forward!r}; use 'sparse' (the model runs on the kept blocks) or 'dense'")
@@ -234,15 +263,18 @@ def sparse_attention(
     check_kernel(kernel)
     check_supported(model)
     previous = model.config._attn_implementation
-    if forward == "dense" and previous not in AttentionMaskInterface._global_mapping:
-        raise UnsupportedModelError(f"forward='dense' needs one of transformers' own attention implementations, "
+    if knockouts is not None and forward == "dense":
+        raise InputError("knockouts apply to forward='sparse' or 'exact', not to a dense measuring trace")
+    if forward != "sparse" and previous not in AttentionMaskInterface._global_mapping:
+        raise UnsupportedModelError(f"forward={forward!r} needs one of transformers' own attention implementations, "
                                     f"not {previous!r}; load the model with attn_implementation='sdpa'")
-    token = _ACTIVE.set(_Run(config, on_layer, forward, previous, on_probabilities, kernel))
+    run = _Run(config, on_layer, forward, previous, on_probabilities, kernel, knockouts)
+    token = _ACTIVE.set(run)
     try:
         model.set_attn_implementation(ATTENTION_NAME)
         if model.config._attn_implementation != ATTENTION_NAME:
             raise UnsupportedModelError(f"{type(model).__name__} refused to switch its attention implementation")
-        yield
+        yield run
     finally:
         _ACTIVE.reset(token)
         model.set_attn_implementation(previous)

@@ -13,6 +13,9 @@ k * block_k + a is token indices[..., k] * block_k + a; padded queries and slots
 masked keys have probability 0), indices int64 [B, H, c, K] (-1 = none). Without a hook nothing
 extra runs.
 
+`hidden_from` (optional, int64 [H, T]) hides keys from later queries, for causal checks
+(`interventions`): key s is invisible to query t of head h when t >= hidden_from[h, s].
+
 Query blocks are processed in chunks so the working memory is bounded: for a chunk of c query
 blocks the score tensor is [B, H, c, block_q, K, block_k], never T x T. A query that sees none
 of its kept keys (possible only with block_q > block_k and no local block) gets a zero output.
@@ -23,6 +26,7 @@ of its kept keys (possible only with block_q > block_k and no local block) gets 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -65,6 +69,7 @@ def block_sparse_attention(
     softcap: float | None = None,
     on_probabilities: Callable[[int, Tensor, Tensor], None] | None = None,
     compiled: bool = False,
+    hidden_from: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """Softmax attention over the kept key blocks only.
 
@@ -79,6 +84,8 @@ def block_sparse_attention(
         softcap: logit soft-capping, cap * tanh(score / cap) (Gemma 2).
         on_probabilities: optional hook called once per query chunk (see the module docstring).
         compiled: run each chunk compiled (`kernels`, the "compile" path); the same result.
+        hidden_from: int64 [H, T] or None: key s is hidden from the queries t >= hidden_from[h, s] of
+            head h (a knockout; see the module docstring). Eager only.
     Returns:
         out: [B, H, T, d_v] in q's dtype (None without v), a transposed view of [B, T, H, d_v] memory.
         mass: float32 [B, H, n_q, K], 0 where the index is -1.
@@ -90,6 +97,9 @@ def block_sparse_attention(
     key_blocks = split_blocks(k, block_k)
     value_blocks = None if v is None else split_blocks(v, block_k)
     attend = compiled_version(_attend_chunk) if compiled else _attend_chunk
+    if hidden_from is not None:  # [1, H, n_k, bk, 1], gathered like the keys
+        hidden_blocks = split_blocks(hidden_from[None, :, :, None], block_k)
+        attend = partial(_attend_chunk, hidden_blocks=hidden_blocks)
 
     chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * block_q * indices.shape[-1] * block_k))
     # the output in the [B, T, H, d_v] memory layout the model wants next: one copy per chunk,
@@ -121,12 +131,14 @@ def _attend_chunk(
     scaling: float,
     sliding_window: int | None,
     softcap: float | None,
+    hidden_blocks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One chunk of c query blocks: the hot function, and what the "compile" path compiles.
 
     Args:
         query_blocks: [B, H, c, bq, d]; key_blocks, value_blocks: [B, H_kv, n_k, bk, d] / d_v.
         idx: int64 [B, H, c, K] kept key blocks (-1 = none); row_start: int64 [c] first query of each row.
+        hidden_blocks: int64 [1, H, n_k, bk, 1] or None: `hidden_from` cut into key blocks.
     Returns:
         probs float32 [B, H, c, bq, K * bk]; out [B, c, bq, H, d_v] (None without values);
         mass float32 [B, H, c, K].
@@ -145,6 +157,10 @@ def _attend_chunk(
     seen = offset <= gap
     if sliding_window is not None:
         seen = seen & (offset > gap - sliding_window)
+    if hidden_blocks is not None:  # knocked-out keys: hidden from the queries at or after their limit
+        limit = gather_blocks(hidden_blocks, safe, heads)[..., 0]  # [B, H, c, K, bk]
+        query = row_start[:, None] + torch.arange(block_q, device=idx.device)  # [c, bq]
+        seen = seen & (query[:, :, None, None] < limit[:, :, :, None])
     scores = scores.view(batch, heads, c, block_q, kept, block_k).masked_fill_(~seen, float("-inf"))
     probs = torch.softmax(scores.flatten(-2), dim=-1).nan_to_num_(0.0)  # a query may see no kept key
     out = None

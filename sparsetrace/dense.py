@@ -1,4 +1,4 @@
-"""Exact references for checking a selection: dense block mass, oracle top-k, recall.
+"""Exact references: dense block mass, oracle top-k, recall, and dense attention with knockouts.
 
 The only O(T^2)-time code of the package, and still O(T) memory beyond its [B, H, n_q, n_k]
 result: queries are taken a chunk of query blocks at a time, and for each chunk the keys are
@@ -94,6 +94,51 @@ def _masked_scores(
     query_pos = torch.arange(q_start, q_start + query.shape[2], device=query.device)[:, None]
     key_pos = torch.arange(k_start, k_end, device=query.device)[None, :]
     return s.masked_fill(~visible(query_pos, key_pos, tokens, sliding_window), float("-inf"))
+
+
+def dense_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    hidden_from: Tensor | None = None,
+) -> Tensor:
+    """Plain softmax attention, a chunk of queries at a time, with knocked-out keys (`interventions`).
+
+    The dense reference of a causal check: what the model's own attention computes when key s is
+    hidden from the queries t >= hidden_from[h, s] of head h. The queries may be the last T_q of the
+    T_k positions (decoding on a cache): query i sits at position T_k - T_q + i.
+
+    Args:
+        q: [B, H, T_q, d]; k, v: [B, H_kv, T_k, d] / d_v (query head h reads kv head h // (H / H_kv)).
+        scaling, sliding_window, softcap: as the model's attention (see `block_sparse_attention`).
+        hidden_from: int64 [H, T_k] or None.
+    Returns:
+        [B, T_q, H, d_v] in q's dtype (the layout the model's output projection reads).
+    """
+    batch, heads, queries, dim = q.shape
+    keys_total = k.shape[2]
+    scaling = dim**-0.5 if scaling is None else scaling
+    group = heads // k.shape[1]
+    keys = k.repeat_interleave(group, dim=1).float()
+    values = v.repeat_interleave(group, dim=1)
+    out = q.new_empty(batch, queries, heads, v.shape[-1])
+    chunk = max(1, _STEP_ELEMENTS // (batch * heads * keys_total))
+    key_pos = torch.arange(keys_total, device=q.device)
+    for start in range(0, queries, chunk):
+        query_pos = keys_total - queries + torch.arange(start, min(start + chunk, queries), device=q.device)
+        s = (q[:, :, start : start + chunk].float() * scaling) @ keys.transpose(-1, -2)  # [B, H, c, T_k]
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        seen = visible(query_pos[:, None], key_pos[None, :], keys_total, sliding_window)
+        if hidden_from is not None:
+            seen = seen & (query_pos[:, None] < hidden_from[:, None, :])  # [H, c, T_k]
+        probs = torch.softmax(s.masked_fill(~seen, float("-inf")), dim=-1).nan_to_num_(0.0)
+        out[:, start : start + chunk] = (probs.to(values.dtype) @ values).transpose(1, 2)
+    return out
 
 
 def oracle_selection(mass: Tensor, config: StreamConfig, tokens: int, sliding_window: int | None = None) -> Selection:

@@ -226,8 +226,21 @@ def kv_cache(model: PreTrainedModel) -> dict[str, DynamicCache]:
     The forward fills it in place, so decoding goes on from any pass that took it. transformers 5.2x
     renamed the argument from `past_key_values` to `cache`; this takes whichever the model has.
     """
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    return {name: DynamicCache(config=model.config)}
+    return {_cache_argument(model): DynamicCache(config=model.config)}
+
+
+def _cache_argument(model: PreTrainedModel) -> str:
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def full_kv_cache(model: PreTrainedModel, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+    """A key/value cache that keeps every position of every layer (sliding-window layers too), as
+    `kv_cache`'s keyword argument; `prefix` (per layer keys, values [B, H_kv, P, d]) seeds it.
+
+    Causal checks run many passes that share a prefix: the prefix's keys and values, cut from one
+    pass's full cache, seed the others (a sliding layer's own cache would have dropped them).
+    """
+    return {_cache_argument(model): DynamicCache() if prefix is None else DynamicCache(ddp_cache_data=prefix)}
 
 
 def execution_devices(model: PreTrainedModel) -> set[torch.device]:

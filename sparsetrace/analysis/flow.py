@@ -112,8 +112,9 @@ def flow(
     """
     if isinstance(min_flow, bool) or not isinstance(min_flow, int | float) or not 0 <= min_flow <= 1:
         raise InputError(f"min_flow={min_flow!r}: a flow is a share of attention; use a value in [0, 1]")
-    src = parse_span(source, trace, text)
-    dst = parse_span(target if target is not None else (trace.num_tokens - 1, trace.num_tokens), trace, text)
+    src = parse_span(source, trace.num_tokens, text)
+    last = (trace.num_tokens - 1, trace.num_tokens)
+    dst = parse_span(target if target is not None else last, trace.num_tokens, text)
     graph = flow_graph(trace)  # checks block_q == block_k
     block = trace.config.block_q
     found = route(graph, blocks_of(src.tokens, block), blocks_of(dst.tokens, block), min_flow=min_flow)

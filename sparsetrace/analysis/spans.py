@@ -104,13 +104,12 @@ def trace_text(trace: Trace, tokenizer) -> TraceText:
     return TraceText("".join(pieces), offsets, False)
 
 
-def parse_span(spec: str | tuple[int, int], trace: Trace, text: TraceText | None = None) -> Span:
-    """Token range of a span spec (module docstring), checked against the trace.
+def parse_span(spec: str | tuple[int, int], tokens: int, text: TraceText | None = None) -> Span:
+    """Token range of a span spec (module docstring), checked against an input of `tokens` tokens.
 
     Raises `InputError` naming the fix: a malformed or out-of-range range, a string not found,
-    chars or a search without the trace's text.
+    chars or a search without the input's text.
     """
-    tokens = trace.num_tokens
     if isinstance(spec, tuple):
         start, end = spec
         spec = f"tokens:{start}-{end}"
@@ -127,12 +126,12 @@ def parse_span(spec: str | tuple[int, int], trace: Trace, text: TraceText | None
             raise InputError(f"span {spec!r} is empty: B must be larger than A ({kind}:A-B, B exclusive)")
         if kind == "tokens":
             if end > tokens:
-                raise InputError(f"span {spec!r} ends past this {tokens}-token trace; use tokens:A-B with "
+                raise InputError(f"span {spec!r} ends past this {tokens}-token input; use tokens:A-B with "
                                  f"B <= {tokens}")
             return Span(start, end, spec, text.of_tokens(start, end) if text else None)
         _need_text(spec, text)
         if end > len(text.text):
-            raise InputError(f"span {spec!r} ends past this trace's {len(text.text)}-character text; use "
+            raise InputError(f"span {spec!r} ends past this {len(text.text)}-character text; use "
                              f"chars:A-B with B <= {len(text.text)}")
         a, b = text.tokens_of_chars(start, end)
         if b <= a:
@@ -143,7 +142,7 @@ def parse_span(spec: str | tuple[int, int], trace: Trace, text: TraceText | None
     found = text.text.find(needle)
     if not needle or found < 0:
         shown = needle if len(needle) <= 60 else needle[:57] + "..."
-        raise InputError(f"span {shown!r} does not occur in the trace's text (case and spaces count); give "
+        raise InputError(f"span {shown!r} does not occur in the text (case and spaces count); give "
                          "another string, or tokens:A-B / chars:A-B")
     a, b = text.tokens_of_chars(found, found + len(needle))
     return Span(a, b, spec, text.of_tokens(a, b), text.text.count(needle))

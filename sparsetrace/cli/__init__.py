@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from ..errors import SparsetraceError
-from . import analysis, anchors, fidelity, needles, trace
+from . import ablate, analysis, anchors, fidelity, needles, trace
 from . import report as report_commands
 
-COMMAND_MODULES = (trace, fidelity, needles, anchors, report_commands, analysis)
+COMMAND_MODULES = (trace, fidelity, needles, anchors, report_commands, analysis, ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:
