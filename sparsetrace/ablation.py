@@ -5,13 +5,15 @@ measure the per-token log-probability of a fixed response, teacher-forced after 
 call takes many interventions on one input and returns one row per intervention next to the
 unchanged pass (`base`).
 
-Shared work is done once where that is cheap. On the dense forward ("dense": the model's own
-attention, `dense.dense_attention` in layers that knock out a span) the unchanged pass fills a
-key/value cache of every position; an intervention whose first affected position is p (a span
-knockout: the end of its first span; a text removal: the first token that differs) reuses the
-cache's first p positions and runs only the rest. Head knockouts change every position and run
-whole. On the sparse forward every intervention runs a whole sparse pass (its O(T log T)
-selection has no cache yet).
+Shared work is done once where that is cheap: the unchanged pass fills a key/value cache of every
+position, and an intervention whose first affected position is p (a span knockout: the end of its
+first span; a text removal: the first token that differs) reuses the cache's first p positions and
+runs only the rest. On the dense forward ("dense": the model's own attention, `dense.dense_attention`
+in layers that knock out a span) that is exact. On the sparse forward the reused prefix ends on a
+query block boundary at or before p: a query block's selection reads all of its queries, so the
+block holding p is recomputed, and every row before it is what a whole pass computes (the
+`k_schedule="mass"`, which shares its budget over all rows, runs whole passes). Head knockouts
+change every position and run whole.
 
 >>> result = response_logprobs(model, tokenizer, prompt, " Paris", [Intervention(knockout=[(5, 9)])])  # doctest: +SKIP
 >>> result.drop                                                                   # doctest: +SKIP
@@ -133,12 +135,13 @@ def response_logprobs(
 
     started = time.perf_counter()
     run = _Runner(model, config, forward, kernel, len(response_ids))
-    base, cached = run.logprobs(full, None, keep_cache=forward == "dense")
+    base, cached = run.logprobs(full, None, keep_cache=forward == "dense" or config.k_schedule != "mass")
+    align = 1 if forward == "dense" else config.block_q
     rows, reused = [], []
     show = len(interventions) > 4 if progress is None else progress
     for iv, (ids, prompt_len, affected) in tqdm(list(zip(interventions, inputs, strict=True)), desc="interventions",
                                                 unit="run", disable=not show):
-        start = min(affected, prompt_len - 1) if cached is not None else 0  # the first logit needed: P - 1
+        start = min(affected, prompt_len - 1) // align * align if cached is not None else 0  # first logit: P - 1
         if iv.is_empty:
             rows.append(base)
             reused.append(len(prompt_ids))
@@ -171,7 +174,7 @@ class _Runner:
         skip = 0 if prefix is None else prefix[0][0].shape[2]
         mode = "exact" if self.forward == "dense" else "sparse"
         switched = sparse_attention(model, self.config, lambda record: None, forward=mode, kernel=self.kernel,
-                                    knockouts=knockouts)
+                                    knockouts=knockouts, prefix_cache=mode == "sparse" and cache is not None)
         with switched as run, torch.inference_mode():
             out = model(input_ids=inputs[skip:][None].to(input_device(model)), use_cache=cache is not None,
                         logits_to_keep=self.response_len, **(cache or {}))

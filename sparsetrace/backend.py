@@ -89,6 +89,7 @@ class _Run:
     on_probabilities: ProbabilityCallback | None = None
     kernel: str = "auto"  # `kernels.KERNELS`
     knockouts: list[LayerKnockout | None] | None = None  # per layer (`interventions`)
+    prefix_cache: bool = False  # forward="sparse" may run a suffix on a cached prefix (`ablation`)
     layers_seen: set[int] = field(default_factory=set)
 
 
@@ -133,18 +134,23 @@ def stream_attention_forward(
                 sliding_window=sliding_window, softcap=softcap, **kwargs,
             )[0]
         return (out if knock is None else knock.remove_heads(out)), None
-    if query.shape[2] != key.shape[2] or (attention_mask is not None and run.forward == "sparse"):
+    cached = key.shape[2] - query.shape[2]  # positions of a cached prefix
+    if (cached and not run.prefix_cache) or (attention_mask is not None and run.forward == "sparse"):
         raise UnsupportedModelError("sparsetrace traces one plain causal forward pass without a KV cache; "
                                     "call the model with use_cache=False and no attention mask")
     if dropout:
         raise UnsupportedModelError("attention dropout is active; call model.eval() before tracing")
     config = run.config
+    if cached % config.block_q:
+        raise UnsupportedModelError(f"a cached prefix of {cached} positions does not end on a query block boundary "
+                                    f"(block_q={config.block_q}); cache a multiple of block_q positions")
+    first_row = cached // config.block_q
     kernel = choose_kernel(run.kernel, query.device, probabilities=run.on_probabilities is not None)
     hidden_from = None if knock is None or knock.hidden_from is None else knock.hidden_from.to(query.device)
-    if hidden_from is not None:
-        kernel = "eager"  # the knockout mask lives in the eager block attention
+    if hidden_from is not None or (first_row and kernel == "flex"):
+        kernel = "eager"  # the knockout mask and the row offset live in the eager block attention
     selection = select_blocks(query, key, config, scaling=scaling, sliding_window=sliding_window,
-                              compiled=kernel == "compile")
+                              compiled=kernel == "compile", first_row=first_row)
     if run.forward == "sparse":
         blocks = dict(block_q=config.block_q, block_k=config.block_k, scaling=scaling, sliding_window=sliding_window,
                       softcap=softcap)
@@ -153,7 +159,8 @@ def stream_attention_forward(
         else:
             hook = None if run.on_probabilities is None else partial(run.on_probabilities, module.layer_idx)
             out, mass = block_sparse_attention(query, key, value, selection.indices, **blocks, on_probabilities=hook,
-                                               compiled=kernel == "compile", hidden_from=hidden_from)
+                                               compiled=kernel == "compile", hidden_from=hidden_from,
+                                               first_row=first_row)
         run.on_layer(LayerRecord(module.layer_idx, selection, mass, None, query, key, scaling, sliding_window))
         out = out.transpose(1, 2).contiguous()
         return (out if knock is None else knock.remove_heads(out)), None
@@ -195,8 +202,8 @@ def plain_causal_mask(
     if attention_mask is not None and not bool(attention_mask.all()):
         raise InputError("padded batches are not supported; trace one text at a time (batch size 1, no padding)")
     run = _ACTIVE.get()
-    exact = run is not None and run.forward == "exact"  # may decode on a cache
-    if not exact and (q_offset or kv_offset or q_length != kv_length):
+    cached = run is not None and (run.forward == "exact" or run.prefix_cache)  # may run on a cache
+    if not cached and (q_offset or kv_offset or q_length != kv_length):
         raise UnsupportedModelError("sparsetrace traces a full forward pass; do not pass a KV cache")
     if not allow_is_causal_skip:
         raise UnsupportedModelError(
@@ -241,6 +248,7 @@ def sparse_attention(
     on_probabilities: ProbabilityCallback | None = None,
     kernel: str = "auto",
     knockouts: list[LayerKnockout | None] | None = None,
+    prefix_cache: bool = False,
 ) -> Iterator[_Run]:
     """Run `model` on Stream sparse attention inside the block; restore its attention after.
 
@@ -253,7 +261,9 @@ def sparse_attention(
     `kernel` chooses the code that runs them (`kernels`: auto, eager, compile or flex); the same result.
     forward="exact" runs the model's dense attention with `knockouts` applied and measures nothing.
     `knockouts` (per layer, `interventions.LayerKnockout` or None) apply to the "sparse" and "exact"
-    forwards; the layers that ran are in the yielded run's `layers_seen`.
+    forwards; the layers that ran are in the yielded run's `layers_seen`. `prefix_cache` lets a sparse
+    forward run a suffix on a KV cache of a prefix that ends on a query block boundary (the rows from
+    there on are selected and attended; the layer records then hold those rows only).
     """
     if forward not in FORWARDS:
         raise InputError(f"forward={forward!r}; use 'sparse' (the model runs on the kept blocks) or 'dense'")
@@ -268,7 +278,9 @@ def sparse_attention(
     if forward != "sparse" and previous not in AttentionMaskInterface._global_mapping:
         raise UnsupportedModelError(f"forward={forward!r} needs one of transformers' own attention implementations, "
                                     f"not {previous!r}; load the model with attn_implementation='sdpa'")
-    run = _Run(config, on_layer, forward, previous, on_probabilities, kernel, knockouts)
+    if prefix_cache and forward != "sparse":
+        raise InputError("prefix_cache applies to forward='sparse' (forward='exact' always accepts a cache)")
+    run = _Run(config, on_layer, forward, previous, on_probabilities, kernel, knockouts, prefix_cache)
     token = _ACTIVE.set(run)
     try:
         model.set_attn_implementation(ATTENTION_NAME)

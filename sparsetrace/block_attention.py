@@ -70,11 +70,13 @@ def block_sparse_attention(
     on_probabilities: Callable[[int, Tensor, Tensor], None] | None = None,
     compiled: bool = False,
     hidden_from: Tensor | None = None,
+    first_row: int = 0,
 ) -> tuple[Tensor | None, Tensor]:
     """Softmax attention over the kept key blocks only.
 
     Args:
-        q: [B, H, T, d] queries.
+        q: [B, H, T_q, d] queries: every query (T_q = T), or those from query block `first_row` on
+            (decoding a suffix on a cache; indices then hold those rows only).
         k: [B, H_kv, T, d] keys; query head h reads kv head h // (H / H_kv).
         v: [B, H_kv, T, d_v] values; None computes the mass only (`kept_block_mass`).
         indices: int [B, H, n_q, K] kept key blocks per query block, -1 = none.
@@ -86,13 +88,15 @@ def block_sparse_attention(
         compiled: run each chunk compiled (`kernels`, the "compile" path); the same result.
         hidden_from: int64 [H, T] or None: key s is hidden from the queries t >= hidden_from[h, s] of
             head h (a knockout; see the module docstring). Eager only.
+        first_row: the query block of q's first query.
     Returns:
-        out: [B, H, T, d_v] in q's dtype (None without v), a transposed view of [B, T, H, d_v] memory.
+        out: [B, H, T_q, d_v] in q's dtype (None without v), a transposed view of [B, T_q, H, d_v] memory.
         mass: float32 [B, H, n_q, K], 0 where the index is -1.
     """
-    batch, heads, tokens, dim = q.shape
+    batch, heads, queries, dim = q.shape
+    tokens = k.shape[2]
     scaling = dim**-0.5 if scaling is None else scaling
-    n_q = num_blocks(tokens, block_q)
+    n_q = num_blocks(queries, block_q)
     query_blocks = split_blocks(q, block_q)
     key_blocks = split_blocks(k, block_k)
     value_blocks = None if v is None else split_blocks(v, block_k)
@@ -108,7 +112,7 @@ def block_sparse_attention(
     masses = []
     for rows in range(0, n_q, chunk):
         idx = indices[:, :, rows : rows + chunk].long()
-        row_start = torch.arange(rows, rows + idx.shape[2], device=q.device) * block_q
+        row_start = torch.arange(first_row + rows, first_row + rows + idx.shape[2], device=q.device) * block_q
         probs, chunk_out, mass = attend(query_blocks[:, :, rows : rows + chunk], key_blocks, value_blocks, idx,
                                         row_start, tokens, scaling, sliding_window, softcap)
         if on_probabilities is not None:
@@ -118,7 +122,7 @@ def block_sparse_attention(
         masses.append(mass)
     if out is None:
         return None, torch.cat(masses, dim=2)
-    return out.view(batch, n_q * block_q, heads, -1)[:, :tokens].transpose(1, 2), torch.cat(masses, dim=2)
+    return out.view(batch, n_q * block_q, heads, -1)[:, :queries].transpose(1, 2), torch.cat(masses, dim=2)
 
 
 def _attend_chunk(

@@ -25,6 +25,7 @@ the round count is fixed before the loop, so `torch.compile` can fuse it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -75,34 +76,43 @@ def select_blocks(
     scaling: float | None = None,
     sliding_window: int | None = None,
     compiled: bool = False,
+    first_row: int = 0,
 ) -> Selection:
     """Select the key blocks each query block of each head keeps.
 
     Args:
-        q: [B, H, T, d] queries as the attention sees them (after RoPE and any q norm).
+        q: [B, H, T_q, d] queries as the attention sees them (after RoPE and any q norm): every query
+            (T_q = T), or those from query block `first_row` on (T_q = T - first_row * block_q).
         k: [B, H_kv, T, d] keys, likewise; H must be a multiple of H_kv (grouped-query).
         config: the estimator's settings.
         scaling: softmax scale (default d ** -0.5); only the "logsumexp" score uses it.
         sliding_window: the layer's window in tokens (None = full causal attention).
         compiled: run the hot per-chunk functions under `torch.compile` (`kernels`, the "compile"
             path); the same result.
+        first_row: the query block of q's first query (decoding a suffix on a cache, `ablation`): rows
+            before it are not selected; the others get what a whole pass gives them (fixed, log and
+            linear schedules: a row's choice depends on its own queries and older keys only).
     Returns:
-        the `Selection` of this layer.
+        the `Selection` of this layer (rows from `first_row` on).
     """
-    batch, heads, tokens, dim = q.shape
-    if k.dim() != 4 or k.shape[0] != batch or k.shape[2] != tokens or k.shape[3] != dim or heads % k.shape[1]:
+    batch, heads, queries, dim = q.shape
+    tokens = k.shape[2]
+    if (k.dim() != 4 or k.shape[0] != batch or queries != tokens - first_row * config.block_q or k.shape[3] != dim
+            or heads % k.shape[1]):
         raise InputError(f"keys of shape {tuple(k.shape)} do not match queries {tuple(q.shape)}; "
                          "expected [B, H_kv, T, d] with H a multiple of H_kv")
+    if first_row and config.k_schedule == "mass":
+        raise InputError("k_schedule='mass' shares its budget over all query blocks; select every row (first_row=0)")
     scaling = dim**-0.5 if scaling is None else scaling
     device = q.device
     n_k = num_blocks(tokens, config.block_k)
-    plan = _plan(tokens, config, sliding_window, device)
+    plan = _plan(tokens, config, sliding_window, device).from_row(first_row)
 
     query_blocks = split_blocks(q, config.block_q)[:, :, :, :: config.query_stride]
     if config.score == "logsumexp":  # scale the few scoring queries once, not every score
         query_blocks = query_blocks * scaling
     query_pos = (
-        torch.arange(query_blocks.shape[2], device=device)[:, None] * config.block_q
+        torch.arange(first_row, first_row + query_blocks.shape[2], device=device)[:, None] * config.block_q
         + torch.arange(0, config.block_q, config.query_stride, device=device)[None, :]
     )
     if config.representative == "block":
@@ -154,6 +164,13 @@ class _Plan:
     lo: Tensor
     hi: Tensor
     score_all: Tensor
+
+    def from_row(self, row: int) -> _Plan:
+        """The plan of rows `row` .. n_q - 1 (the same rounds and beam as the whole plan)."""
+        if row == 0:
+            return self
+        per_row = ("first", "last", "budget", "keep_beam", "start", "width", "lo", "hi", "score_all")
+        return dataclasses.replace(self, **{name: getattr(self, name)[row:] for name in per_row})
 
 
 @torch.compiler.disable  # plain ints for static shapes; and clamp-then-floordiv trips inductor (torch 2.13)

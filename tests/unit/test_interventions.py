@@ -167,3 +167,20 @@ def test_a_response_past_the_context_is_refused(tiny_tokenizer, monkeypatch):
         response_logprobs(model, tiny_tokenizer, PROMPT, "x" * 1024, [Intervention(heads_out=[(0, 0)])])
     with pytest.raises(InputError, match="empty"):
         response_logprobs(model, tiny_tokenizer, PROMPT, "  ", [])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sparse_prefix_reuse_equals_whole_passes(arch, tiny_tokenizer, monkeypatch):
+    import sparsetrace.ablation as ablation
+
+    model = tiny_model(arch)
+    config = StreamConfig(k=2, block_size=16)  # sparse: the reuse must give what a whole sparse pass gives
+    ivs = [Intervention(knockout=[(40, 60)]), Intervention(remove=[(70, 80)]), Intervention(heads_out=[(1, 1)])]
+    shared = response_logprobs(model, tiny_tokenizer, PROMPT, RESPONSE, ivs, config=config)
+    assert shared.reused == [48, 64, 0]  # block-aligned, at or before the first affected position (60, 70)
+    monkeypatch.setattr(ablation, "_common_prefix", lambda a, b: 0)  # nothing shared: whole passes
+    monkeypatch.setattr(Intervention, "first_affected", lambda self, prompt_tokens: 0)
+    whole = response_logprobs(model, tiny_tokenizer, PROMPT, RESPONSE, ivs, config=config)
+    assert whole.reused == [0, 0, 0]
+    torch.testing.assert_close(shared.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.base, whole.base, atol=0, rtol=0)
