@@ -26,8 +26,10 @@ from .models import describe_model, load_model, load_tokenizer
 from .report import build_report, report
 from .stream import Selection, select_blocks
 from .tasks.anchor_runs import AnchorsResult, AnchorText, anchors
+from .tasks.attribution_runs import Attribution, attribute, attribution_prompt
 from .tasks.needle_runs import NiahRun, run_niah, sweep
 from .tasks.niah import NiahPrompt, niah_prompt
+from .tasks.suppression import SuppressionResult, suppression_matrix
 from .trace import Trace, load_trace
 from .tracer import trace
 
@@ -40,6 +42,9 @@ __all__ = [
     "AnchorText",
     "AnchorsResult",
     "anchors",
+    "Attribution",
+    "attribute",
+    "attribution_prompt",
     "ConfigError",
     "FidelityReport",
     "Flow",
@@ -52,6 +57,7 @@ __all__ = [
     "MemoryRequestError",
     "Salience",
     "Selection",
+    "SuppressionResult",
     "SparsetraceError",
     "StreamConfig",
     "Trace",
@@ -75,6 +81,7 @@ __all__ = [
     "run_niah",
     "salience",
     "select_blocks",
+    "suppression_matrix",
     "sweep",
     "trace",
 ]

@@ -135,13 +135,13 @@ def response_logprobs(
 
     started = time.perf_counter()
     run = _Runner(model, config, forward, kernel, len(response_ids))
-    base, cached = run.logprobs(full, None, keep_cache=forward == "dense" or config.k_schedule != "mass")
-    align = 1 if forward == "dense" else config.block_q
+    base, cached = run.logprobs(full, None, keep_cache=caches(forward, config))
     rows, reused = [], []
     show = len(interventions) > 4 if progress is None else progress
     for iv, (ids, prompt_len, affected) in tqdm(list(zip(interventions, inputs, strict=True)), desc="interventions",
                                                 unit="run", disable=not show):
-        start = min(affected, prompt_len - 1) // align * align if cached is not None else 0  # first logit: P - 1
+        # the first logit needed is P - 1's
+        start = reusable_prefix(min(affected, prompt_len - 1), forward, config) if cached is not None else 0
         if iv.is_empty:
             rows.append(base)
             reused.append(len(prompt_ids))
@@ -155,6 +155,64 @@ def response_logprobs(
                           time.perf_counter() - started)
 
 
+Prefix = list[tuple[Tensor, Tensor]]  # per layer: keys, values [B, H_kv, p, d] of the first p positions
+
+
+def caches(forward: str, config: StreamConfig) -> bool:
+    """Whether passes of this forward can share a prefix (not the "mass" schedule, which shares its
+    budget over all query blocks)."""
+    return forward == "dense" or config.k_schedule != "mass"
+
+
+def reusable_prefix(position: int, forward: str, config: StreamConfig) -> int:
+    """Leading positions a pass may take from the unchanged pass's cache when `position` is the first
+    whose computation changes: all of them on the dense forward; on the sparse one, down to a query
+    block boundary (a query block's selection reads every query of the block)."""
+    return position if forward == "dense" else position // config.block_q * config.block_q
+
+
+def intervened_logits(
+    model,
+    ids: Tensor,
+    *,
+    config: StreamConfig,
+    forward: str,
+    keep: int,
+    knockouts=None,
+    prefix: Prefix | None = None,
+    keep_cache: bool = False,
+    kernel: str = "auto",
+) -> tuple[Tensor, Prefix | None]:
+    """One forward pass ("sparse" or "dense") with per-layer knockouts, from a cached prefix if given.
+
+    Args:
+        ids: int64 [T] the whole input (the prefix's positions included).
+        keep: how many final positions' logits to return.
+        knockouts: per layer, `interventions.LayerKnockout` or None (`Intervention.layer_knockouts`).
+        prefix: the first p positions' keys and values (of a pass they are unchanged in).
+        keep_cache: also return every layer's keys and values of `ids`.
+    Returns:
+        logits [keep, vocab] (the model's dtype and device), and with keep_cache the `Prefix` of ids.
+    """
+    num_layers = describe_model(model)["num_layers"]
+    cache = full_kv_cache(model, prefix) if keep_cache or prefix is not None else None
+    skip = 0 if prefix is None else prefix[0][0].shape[2]
+    mode = "exact" if forward == "dense" else "sparse"
+    switched = sparse_attention(model, config, lambda record: None, forward=mode, kernel=kernel, knockouts=knockouts,
+                                prefix_cache=mode == "sparse" and cache is not None)
+    with switched as run, torch.inference_mode():
+        out = model(input_ids=ids[skip:][None].to(input_device(model)), use_cache=cache is not None,
+                    logits_to_keep=keep, **(cache or {}))
+    if len(run.layers_seen) != num_layers:
+        raise UnsupportedModelError(f"{type(model).__name__}: attention layers "
+                                    f"{sorted(set(range(num_layers)) - run.layers_seen)} never called the "
+                                    "sparsetrace attention, so interventions would miss them")
+    logits = out.logits[0, -keep:]
+    if not keep_cache:
+        return logits, None
+    return logits, [(layer.keys, layer.values) for layer in next(iter(cache.values())).layers]
+
+
 @dataclass
 class _Runner:
     """One teacher-forced pass: the response's log-probabilities, from a cached prefix if given."""
@@ -165,30 +223,15 @@ class _Runner:
     kernel: str
     response_len: int
 
-    def logprobs(self, ids: Tensor, knockouts, *, prefix=None, keep_cache: bool = False):
-        """Args: ids int64 [T] prompt + response; prefix per-layer (keys, values) of ids[:p].
-        Returns float32 [R] and, with keep_cache, the per-layer keys and values of ids[:-1]."""
-        model, num_layers = self.model, describe_model(self.model)["num_layers"]
-        inputs = ids[:-1]  # the last response token predicts nothing we need
-        cache = full_kv_cache(model, prefix) if keep_cache or prefix is not None else None
-        skip = 0 if prefix is None else prefix[0][0].shape[2]
-        mode = "exact" if self.forward == "dense" else "sparse"
-        switched = sparse_attention(model, self.config, lambda record: None, forward=mode, kernel=self.kernel,
-                                    knockouts=knockouts, prefix_cache=mode == "sparse" and cache is not None)
-        with switched as run, torch.inference_mode():
-            out = model(input_ids=inputs[skip:][None].to(input_device(model)), use_cache=cache is not None,
-                        logits_to_keep=self.response_len, **(cache or {}))
-        if len(run.layers_seen) != num_layers:
-            raise UnsupportedModelError(f"{type(model).__name__}: attention layers "
-                                        f"{sorted(set(range(num_layers)) - run.layers_seen)} never called the "
-                                        "sparsetrace attention, so interventions would miss them")
-        logits = out.logits[0].float().cpu()
+    def logprobs(self, ids: Tensor, knockouts, *, prefix: Prefix | None = None, keep_cache: bool = False):
+        """Args: ids int64 [T] prompt + response; prefix of ids[:p].
+        Returns float32 [R] and, with keep_cache, the `Prefix` of ids[:-1]."""
+        # the last response token predicts nothing we need
+        logits, cache = intervened_logits(self.model, ids[:-1], config=self.config, forward=self.forward,
+                                          keep=self.response_len, knockouts=knockouts, prefix=prefix,
+                                          keep_cache=keep_cache, kernel=self.kernel)
         targets = ids[-self.response_len:]
-        row = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
-        if not keep_cache:
-            return row, None
-        layers = next(iter(cache.values())).layers
-        return row, [(layer.keys, layer.values) for layer in layers]
+        return torch.log_softmax(logits.float().cpu(), dim=-1).gather(-1, targets[:, None])[:, 0], cache
 
 
 def _ids(tokenizer, value: str | Sequence[int], add_special_tokens: bool, what: str) -> Tensor:

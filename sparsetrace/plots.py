@@ -288,3 +288,147 @@ def salience_layers_figure(result, *, title: str = "") -> Figure:
     fig.colorbar(image, ax=ax, label="selected mass per possible reader", extend="max", fraction=0.04, pad=0.01)
     fig.tight_layout()
     return fig
+
+
+
+def attribution_figure(context: str, spans: list[tuple[int, int]], scores: np.ndarray, *, top: int = 5,
+                       title: str = "", width: int = 100, max_lines: int = 200) -> Figure:
+    """The context as text, each source shaded by its attribution score, the top sources numbered in
+    the margin (rank and score).
+
+    Each line is drawn as pieces (one per source it crosses), each piece placed after the previous
+    one's rendered extent and shaded by its own text box, so shading and text agree at any dpi.
+
+    Args:
+        spans: each source's char range [start, end) in `context`.
+        scores: float [n], one per span (NaN: unshaded).
+        width: characters per line (wrapped at spaces); lines past `max_lines` are cut.
+    """
+    lines, position = [], 0
+    for paragraph in context.split("\n"):
+        end = position + len(paragraph)
+        while end - position > width:
+            cut = context.rfind(" ", position, position + width)
+            cut = cut + 1 if cut > position else position + width
+            lines.append((position, cut))
+            position = cut
+        lines.append((position, end))
+        position = end + 1
+    cut_lines = max(len(lines) - max_lines, 0)
+    lines = lines[:max_lines]
+    values = np.asarray(scores, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    norm = matplotlib.colors.Normalize(vmin=min(float(finite.min()) if finite.size else 0.0, 0.0),
+                                       vmax=max(float(finite.max()) if finite.size else 0.0, 1e-12))
+    cmap = plt.get_cmap("YlOrRd")
+    order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[:top]
+    rank = {int(j): r + 1 for r, j in enumerate(order) if np.isfinite(values[j])}
+    owner = np.full(len(context) + 1, -1)
+    for j, (start, end) in enumerate(spans):
+        owner[start:end] = j
+    size, line_height = 8.0, 1.5 * 8.0 / 72  # points, inches
+    text_w = width * 0.64 * size / 72 + 0.1  # DejaVu Sans Mono advance 0.602 em, rounded up by hinting
+    margin, label_w, bar_w = 0.25, 1.1, 0.15
+    text_h = max(len(lines), 1) * line_height
+    fig_w, fig_h = margin + text_w + label_w + bar_w + 0.95, max(text_h + 0.75 + (0.2 if cut_lines else 0), 1.6)
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    bottom = (fig_h - 0.55 - text_h) / fig_h
+    ax = fig.add_axes([margin / fig_w, bottom, text_w / fig_w, text_h / fig_h])
+    ax.set_xlim(0, 1)
+    ax.set_ylim(len(lines) - 0.5, -0.5)
+    ax.axis("off")
+    labelled = set()
+    for y, (a, b) in enumerate(lines):
+        piece = None
+        cuts = [a] + [c for c in range(a + 1, b) if owner[c] != owner[c - 1]] + [b]
+        for c0, c1 in zip(cuts[:-1], cuts[1:], strict=True):
+            j = int(owner[c0])
+            shaded = j >= 0 and np.isfinite(values[j])
+            box = {"boxstyle": "square,pad=0.12", "linewidth": 0, "alpha": 0.8,
+                   "facecolor": cmap(norm(values[j])) if shaded else "none"}
+            style = {"fontsize": size, "family": "DejaVu Sans Mono", "ha": "left", "bbox": box}
+            text = context[c0:c1].replace("\t", " ")
+            if piece is None:
+                piece = ax.text(0, y, text, va="center", **style)
+            else:  # right after the previous piece, as rendered
+                piece = ax.annotate(text, xy=(1, 0), xycoords=piece, va="bottom", **style)
+            if j in rank and j not in labelled:
+                labelled.add(j)
+                ax.text(1.01, y, f"#{rank[j]}  {values[j]:.3g}", va="center", ha="left", fontsize=size,
+                        color=ROUTE_RED, fontweight="bold", transform=ax.get_yaxis_transform())
+    if cut_lines:
+        ax.text(0, len(lines) + 0.3, f"... {cut_lines} more lines not shown", va="top", fontsize=size, color="#5b6475")
+    bar = fig.add_axes([(margin + text_w + label_w) / fig_w, bottom + max(text_h - 2.5, 0) / fig_h, bar_w / fig_w,
+                        min(text_h, 2.5) / fig_h])
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=bar, label="score")
+    fig.suptitle(title or "Context attribution: sources shaded by score, top sources numbered", fontsize=10,
+                 x=margin / fig_w, ha="left", y=1 - 0.15 / fig_h, va="top")
+    return fig
+
+
+def suppression_figure(effects: np.ndarray, causal_scores: np.ndarray, receiver_scores: np.ndarray, *,
+                       forward: str = "", title: str = "") -> Figure:
+    """The attention-suppression matrix (row i suppressed, column j affected; log colour scale) and a
+    scatter of each unit's causal score against its receiver-head score, with their Spearman correlation."""
+    import matplotlib.colors
+    from scipy import stats
+
+    effects = np.asarray(effects, dtype=np.float64)
+    causal = np.asarray(causal_scores, dtype=np.float64)
+    receiver = np.asarray(receiver_scores, dtype=np.float64)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.1, 1]})
+    positive = effects[effects > 0]
+    shown = np.where(effects > 0, effects, np.nan)
+    if positive.size:
+        norm = matplotlib.colors.LogNorm(vmin=max(float(np.quantile(positive, 0.02)), 1e-12),
+                                         vmax=max(float(positive.max()), 1e-12))
+        image = left.imshow(shown, cmap="Reds", norm=norm, interpolation="nearest")
+        fig.colorbar(image, ax=left, label="mean KL at unit j's tokens (nats)")
+    left.set_xlabel("affected unit j")
+    left.set_ylabel("suppressed unit i")
+    left.set_title("effect of suppressing unit i on unit j", fontsize=9)
+    ok = np.isfinite(causal) & np.isfinite(receiver)
+    right.scatter(receiver[ok], causal[ok], s=18, color="#1f77b4", alpha=0.8)
+    for u in np.flatnonzero(ok):
+        right.annotate(str(u), (receiver[u], causal[u]), fontsize=6, color="#5b6475", xytext=(2, 2),
+                       textcoords="offset points")
+    rho = float(stats.spearmanr(receiver[ok], causal[ok]).statistic) if ok.sum() >= 3 else float("nan")
+    if ok.any() and np.all(causal[ok] > 0):
+        right.set_yscale("log")
+    right.set_xlabel("receiver-head score (mean vertical score)")
+    right.set_ylabel("causal score (mean effect on later units)")
+    right.set_title(f"Spearman {rho:.3f} over {int(ok.sum())} units", fontsize=9)
+    fig.suptitle(title or f"Attention suppression{f' ({forward} forward)' if forward else ''}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --- needle reader-head knockout (tasks/needle_causal.py) ---
+def knockout_figure(per_n: list[dict], *, title: str = "",
+                    random_label: str = "N random heads (mean ± std over seeds)") -> Figure:
+    """Accuracy and answer log-prob drop when the top-N reader heads vs N random heads are knocked out.
+
+    `per_n`: `ReaderKnockout.per_n()` (or the same keys averaged over prompts by the caller): n,
+    top_accuracy, top_drop, random_accuracy_mean/std, random_drop_mean/std; optional
+    top_accuracy_std / top_drop_std (over prompts) draw error bars on the top heads too.
+    """
+    import textwrap
+
+    ns = [row["n"] for row in per_n]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    panels = (("accuracy", "RULER accuracy (string match)", 1.0), ("drop", "answer log-prob drop (nats)", None))
+    for ax, (key, label, top_limit) in zip(axes, panels, strict=True):
+        ax.errorbar(ns, [row[f"top_{key}"] for row in per_n], yerr=[row.get(f"top_{key}_std", 0) for row in per_n],
+                    fmt="o-", color=ROUTE_RED, capsize=3, label="top-N reader heads")
+        ax.errorbar(ns, [row[f"random_{key}_mean"] for row in per_n], yerr=[row[f"random_{key}_std"] for row in per_n],
+                    fmt="s--", color="#5b6475", capsize=3, label=random_label)
+        ax.set_xlabel("heads knocked out (N)")
+        ax.set_ylabel(label)
+        ax.set_xticks(ns)
+        if top_limit is not None:
+            ax.set_ylim(-0.05, top_limit + 0.05)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle(textwrap.fill(title or "Knocking out the needle's reader heads vs random heads", 110), fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from ..errors import SparsetraceError
-from . import ablate, analysis, anchors, fidelity, needles, trace
+from . import ablate, analysis, anchors, attribution, fidelity, needles, trace
 from . import report as report_commands
 
-COMMAND_MODULES = (trace, fidelity, needles, anchors, report_commands, analysis, ablate)
+COMMAND_MODULES = (trace, fidelity, needles, anchors, report_commands, analysis, ablate, attribution)
 
 
 def build_parser() -> argparse.ArgumentParser:

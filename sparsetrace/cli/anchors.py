@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   sparsetrace anchors a.txt b.txt c.txt -o anchors/ --top-heads 10      # receiver heads over 3 traces
   sparsetrace anchors --generate "What is 17 * 23? Think step by step." -o gen/ --max-new-tokens 800
   sparsetrace anchors cot.txt -o anchors/ --units paragraphs --labels cot_labels.json --k 4 --block-size 32
+  sparsetrace anchors cot.txt -o anchors/ --causal --causal-forward dense  # + attention-suppression check
 """
 
 
@@ -50,6 +51,15 @@ def register(sub) -> None:
                        help="also run the dense reference (k covering every block) and report Spearman(sparse, "
                        "dense) of unit scores (auto: inputs up to --dense-max-tokens)")
     units.add_argument("--dense-max-tokens", type=int, default=2048, help="auto dense check up to N tokens")
+    causal = parser.add_argument_group("causal check (--causal)")
+    causal.add_argument("--causal", action="store_true",
+                        help="also run the attention-suppression check (Bogdan et al.): one pass per unit in which no "
+                        "later token may attend to it; writes the matrix of KL effects on later units, each unit's "
+                        "causal score, its Spearman correlation with the receiver-head scores, and suppression.png")
+    causal.add_argument("--causal-forward", default="sparse", choices=["sparse", "dense"],
+                        help="attention of the suppression passes: sparse (default: Stream's sparse attention with "
+                        "the same --k and blocks as the trace; every pass runs whole) or dense (the model's own "
+                        "attention; each pass reuses the cached prefix before the suppressed unit)")
     gen = parser.add_argument_group("generation (--generate)")
     gen.add_argument("--max-new-tokens", type=int, default=1024, help="token limit of the reply (default 1024)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -91,17 +101,22 @@ def run(args: argparse.Namespace) -> None:
     result = anchors(model, tokenizer, texts, config, units=args.units, regions=regions, names=names,
                      labels=args.labels, proximity=args.proximity, control_depth=args.control_depth,
                      top_heads=args.top_heads, exclude_layer0=not args.include_layer_0, key_average=args.key_average,
-                     dense_check=args.dense_check, dense_max_tokens=args.dense_max_tokens, **options)
+                     dense_check=args.dense_check, dense_max_tokens=args.dense_max_tokens,
+                     causal=args.causal_forward if args.causal else None, **options)
     paths = save_anchors(result, folder, layer=args.layer)
     if args.json:
         print(json.dumps({"receiver_heads": result.receiver_heads, "dense_reference": result.dense,
-                          "texts": [{"name": t.name, "fidelity": t.fidelity} for t in result.texts],
+                          "texts": [{"name": t.name, "fidelity": t.fidelity,
+                                     **({"causal": _causal_summary(t)} if t.suppression is not None else {})}
+                                    for t in result.texts],
                           "files": paths}, indent=2))
         return
     print(format_result(result, paths))
 
 
 def format_result(result, paths: dict[str, str]) -> str:
+    import numpy as np
+
     heads = ", ".join(f"L{layer}H{h}" for layer, h in result.receiver_heads[:8])
     lines = [f"receivers    {heads}{' ...' if len(result.receiver_heads) > 8 else ''} "
              f"(top {len(result.receiver_heads)} by kurtosis of vertical scores)"]
@@ -122,8 +137,26 @@ def format_result(result, paths: dict[str, str]) -> str:
             lines.append(f"dense check  {d['name']}: Spearman(sparse, dense) of unit scores "
                          f"{'n/a' if rho is None else f'{rho:.3f}'}; receiver heads shared "
                          f"{result.dense['receiver_overlap']}/{len(result.receiver_heads)}")
+    for t in result.texts:
+        if t.suppression is None:
+            continue
+        c = _causal_summary(t)
+        rho = c["spearman_vs_receiver_scores"]
+        lines.append(f"causal       {t.name}: {c['forward']} suppression, {len(t.units) - 1} passes, "
+                     f"{c['seconds_per_unit']:.2f} s per unit; Spearman(causal, receiver-head scores) "
+                     f"{'n/a' if rho is None else f'{rho:.3f}'} over the units with both")
+        ranked = [i for i in np.argsort(-np.nan_to_num(t.suppression.scores, nan=-np.inf))[:3]
+                  if np.isfinite(t.suppression.scores[i])]
+        lines += [f"  causal     {t.suppression.scores[i]:.4g}  [{t.units[i].category}] {_short(t.units[i].text)}"
+                  for i in ranked]
     lines.append(f"wrote        {paths['json']}, figures and traces in the same folder")
     return "\n".join(lines)
+
+
+def _causal_summary(t) -> dict:
+    c = t.causal
+    return {key: c[key] for key in ("forward", "seconds", "seconds_per_unit", "spearman_vs_receiver_scores",
+                                    "spearman_log_scores_vs_receiver_scores")}
 
 
 def _short(text: str, width: int = 70) -> str:

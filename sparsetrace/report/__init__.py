@@ -29,6 +29,7 @@ from .data import block_texts, encode_blocks, summary
 FIDELITY_KEYS = ("tokens", "config", "recall", "oracle_recall", "recall_ratio", "recall_per_head",
                  "oracle_recall_per_head", "match", "kl_next_token", "kl_mean", "top1_agreement")
 AUTO = "auto"
+ATTRIBUTION_ROWS = 20  # top sources an attribution table shows
 
 
 def build_report(
@@ -45,14 +46,15 @@ def build_report(
         tokenizer: decodes each block's text for hover and click; "auto" (default) loads the trace's
             model's tokenizer (`models.load_tokenizer`), None shows token ranges only.
         extras: results to add: "fidelity" (a `FidelityReport` or its `to_dict()`), "figures"
-            ({caption: PNG bytes or path}), "tables" ({title: JSON value}). Results the trace carries
+            ({caption: PNG bytes or path}), "tables" ({title: JSON value}), "attribution" (an
+            `Attribution` or its `to_dict()`: its top sources as a table). Results the trace carries
             in `extra` (e.g. a needle run's) are shown too.
         title: the page's title (default: the model and token count).
     """
     extras = dict(extras or {})
-    unknown = set(extras) - {"fidelity", "figures", "tables"}
+    unknown = set(extras) - {"fidelity", "figures", "tables", "attribution"}
     if unknown:
-        raise InputError(f"unknown report extras {sorted(unknown)}; use fidelity, figures or tables")
+        raise InputError(f"unknown report extras {sorted(unknown)}; use fidelity, figures, tables or attribution")
     texts, note = _texts(trace, tokenizer)
     facts = summary(trace)
     facts_of_run = {key: value for key, value in trace.extra.items() if not isinstance(value, dict | list)}
@@ -68,6 +70,7 @@ def build_report(
         + [{"title": f"trace extra: {key}", "value": value} for key, value in results.items()]
         + [{"title": name, "value": value} for name, value in extras.get("tables", {}).items()],
         "extra": {"niah": trace.extra["niah"]} if "niah" in trace.extra else {},
+        "attribution": _attribution(extras.get("attribution")),
     }
     title = title or f"{facts['model'] or 'trace'}: {trace.num_tokens:,} tokens"
     package = resources.files(__name__)
@@ -131,6 +134,18 @@ def _fidelity(value: Any) -> dict[str, Any] | None:
         return None
     value = value.to_dict() if hasattr(value, "to_dict") else dict(value)
     return {key: value[key] for key in FIDELITY_KEYS if key in value}
+
+
+def _attribution(value: Any, top: int = ATTRIBUTION_ROWS) -> dict[str, Any] | None:
+    """The top sources of an attribution, highest score first, with the facts the table heads."""
+    if value is None:
+        return None
+    value = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+    ranked = sorted((s for s in value["sources"] if s.get("score") is not None), key=lambda s: -s["score"])[:top]
+    return {"query": value.get("query"), "response": value.get("response"), "method": value.get("method"),
+            "num_sources": len(value["sources"]),
+            "sources": [{"rank": i + 1, **{key: s[key] for key in ("score", "tokens", "span", "text")}}
+                        for i, s in enumerate(ranked)]}
 
 
 def _png_uri(png: bytes | str | os.PathLike[str]) -> str:

@@ -278,6 +278,28 @@
     ]);
     results.append(table);
   }
+  const attribution = data.attribution;
+  if (attribution) {
+    results.append(el("h3", {}, "Context attribution"));
+    const about = el("table", { class: "facts" });
+    facts(about, [
+      ["query", attribution.query ?? "(prompt given whole)"],
+      ["response", JSON.stringify(attribution.response)],
+      ["score", `${attribution.method}: the response's attention on each source; top ${attribution.sources.length} of ${attribution.num_sources}`],
+    ]);
+    results.append(about);
+    const table = el("table", { class: "grid", id: "attribution-table" });
+    const head = el("tr");
+    for (const h of ["rank", "score", "tokens", "source"]) head.append(el("th", {}, h));
+    table.append(head);
+    for (const s of attribution.sources) {
+      const tr = el("tr");
+      tr.append(el("td", { class: "num" }, String(s.rank)), el("td", { class: "num" }, fmt(s.score, 4)),
+        el("td", { class: "num" }, `${s.tokens[0]}-${s.tokens[1]}`), el("td", {}, s.text));
+      table.append(tr);
+    }
+    results.append(table);
+  }
   for (const t of data.tables || []) {
     results.append(el("h3", {}, t.title));
     results.append(el("pre", { class: "json" }, JSON.stringify(t.value, null, 1)));

@@ -17,6 +17,11 @@ Fidelity, next to the result, per text:
   "always", "never"): the same pipeline on a trace whose k covers every key block (which is the
   dense attention), with its own receiver heads, and the Spearman correlation of sparse and
   dense unit scores.
+
+With `causal` ("sparse" or "dense"), each text also gets its causal check: the attention-suppression
+matrix (`tasks.suppression`: one pass per unit with no later token attending to it, the KL of the
+later units' next-token distributions), each unit's causal score (its mean effect on the later
+units), and the Spearman correlation of the causal scores with the receiver-head scores.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from ..files import atomic_write, save_figure, write_json
 from ..models import describe_model, input_device
 from ..trace import Trace
 from ..tracer import available_memory, prepare_input, run_trace
+from .suppression import SUPPRESSION_FORWARDS, SuppressionResult, suppression_matrix
 
 DENSE_CHECKS = ("auto", "always", "never")
 DEFAULT_DENSE_MAX_TOKENS = 2048
@@ -69,6 +75,17 @@ class AnchorText:
     categories_source: str
     dense_vertical: np.ndarray | None = None
     dense_kurtosis: np.ndarray | None = None
+    suppression: SuppressionResult | None = None
+
+    @property
+    def causal(self) -> dict[str, Any] | None:
+        """The causal check (`suppression`), with its Spearman correlations against the unit scores."""
+        if self.suppression is None:
+            return None
+        return self.suppression.to_dict() | {
+            "spearman_vs_receiver_scores": spearman(self.suppression.scores, self.scores),
+            "spearman_log_scores_vs_receiver_scores": spearman(self.suppression.log_scores, self.scores),
+        }
 
     @property
     def scores(self) -> np.ndarray:
@@ -110,6 +127,7 @@ class AnchorsResult:
                 "units": [u.to_dict() for u in t.units],
                 "kurtosis": _json_array(t.kurtosis),
                 "vertical_scores": _json_array(t.vertical),
+                **({"causal": t.causal} if t.suppression is not None else {}),
             } for t in self.texts],
         }
 
@@ -131,6 +149,7 @@ def anchors(
     key_average: str = "sum",
     dense_check: str = "auto",
     dense_max_tokens: int = DEFAULT_DENSE_MAX_TOKENS,
+    causal: str | None = None,
     max_tokens: int | None = None,
     allow_long: bool = False,
     progress: bool | None = None,
@@ -146,12 +165,16 @@ def anchors(
         labels: per text None (rule-based tags), a labels JSON path, or a list of category names.
         proximity, control_depth, top_heads, exclude_layer0, key_average: see `analysis.anchors`.
         kernel: as `tracer.trace` ("flex" runs eager here: the unit reducer needs the probabilities).
+        causal: None, or the forward of the causal check ("sparse": with `config`; "dense"): one
+            suppression pass per unit (module docstring).
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise InputError("no texts given; give at least one reasoning text")
     if dense_check not in DENSE_CHECKS:
         raise InputError(f"dense_check={dense_check!r}; use one of {', '.join(DENSE_CHECKS)}")
+    if causal is not None and causal not in SUPPRESSION_FORWARDS:
+        raise InputError(f"causal={causal!r}; use None (no causal check), 'sparse' or 'dense'")
     config = config or StreamConfig()
     regions = regions or ["auto"] * len(texts)
     names = names or [f"text {i}" for i in range(len(texts))]
@@ -162,7 +185,7 @@ def anchors(
     settings = {"units": units, "proximity": proximity, "control_depth": control_depth, "top_heads": top_heads,
                 "exclude_layer0": exclude_layer0, "key_average": key_average, "config": config.to_dict(),
                 "model": describe_model(model).get("name"), "dense_check": dense_check,
-                "dense_max_tokens": dense_max_tokens}
+                "dense_max_tokens": dense_max_tokens, "causal": causal}
     results = []
     for text, region, name, given in zip(texts, regions, names, labels, strict=True):
         started = time.perf_counter()
@@ -194,6 +217,9 @@ def anchors(
                                                            kernel)
             item.dense_vertical = vertical_scores(dense_matrix, proximity, control_depth)
             item.dense_kurtosis = head_kurtosis(item.dense_vertical)
+        if causal is not None:
+            item.suppression = suppression_matrix(model, tokenizer, ids, split, forward=causal, config=config,
+                                                  progress=progress)
         fidelity["seconds"] = round(time.perf_counter() - started, 2)
         results.append(item)
     heads = receiver_heads([t.kurtosis for t in results], top_heads, exclude_layer0)
@@ -278,6 +304,8 @@ def save_anchors(result: AnchorsResult, folder: str | Path, *, layer: int | None
     for i, t in enumerate(result.texts):
         arrays[f"unit_attention_{i}"] = t.unit_attention
         arrays[f"vertical_{i}"] = t.vertical
+        if t.suppression is not None:
+            arrays[f"suppression_{i}"] = t.suppression.effects
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     paths["arrays"] = atomic_write(folder / "unit_attention.npz", buffer.getvalue(), what="the arrays")
@@ -298,6 +326,13 @@ def save_anchors(result: AnchorsResult, folder: str | Path, *, layer: int | None
             title=f"{t.name}: unit attention, top receiver head (layer {top_layer}, head {top_head})"),
             folder / f"unit_attention{suffix}.png")
         paths[f"trace{suffix}"] = t.trace.save(folder / f"trace{suffix}.sptrace")
+        if t.suppression is not None:
+            from ..plots import suppression_figure
+
+            paths[f"suppression{suffix}"] = save_figure(suppression_figure(
+                t.suppression.effects, t.suppression.scores, t.scores, forward=t.suppression.forward,
+                title=f"{t.name}: attention suppression ({t.suppression.forward} forward)"),
+                folder / f"suppression{suffix}.png")
     return {name: str(path) for name, path in paths.items()}
 
 
