@@ -27,6 +27,7 @@ from .report import build_report, report
 from .stream import Selection, select_blocks
 from .tasks.anchor_runs import AnchorsResult, AnchorText, anchors
 from .tasks.attribution_runs import Attribution, attribute, attribution_prompt
+from .tasks.needle_causal import ReaderKnockout, reader_head_knockout
 from .tasks.needle_runs import NiahRun, run_niah, sweep
 from .tasks.niah import NiahPrompt, niah_prompt
 from .tasks.suppression import SuppressionResult, suppression_matrix
@@ -53,6 +54,7 @@ __all__ = [
     "NeedleRoute",
     "NiahPrompt",
     "NiahRun",
+    "ReaderKnockout",
     "Route",
     "MemoryRequestError",
     "Salience",
@@ -76,6 +78,7 @@ __all__ = [
     "min_k",
     "needle_route",
     "niah_prompt",
+    "reader_head_knockout",
     "report",
     "route",
     "run_niah",

@@ -12,6 +12,7 @@ NIAH_EXAMPLES = """examples:
   sparsetrace niah -o niah/                             # 4k tokens, needle at depth 0.5, k = auto
   sparsetrace niah --length 2048 --depth 0.9 --k 8 -o late/
   sparsetrace niah --haystack essay.txt --length 8192 --k-schedule mass -o essay/
+  sparsetrace niah --length 2048 --causal --causal-forward dense -o causal/   # knock out the reader heads
 """
 
 SWEEP_EXAMPLES = """examples:
@@ -34,6 +35,16 @@ def register(sub) -> None:
                       help="key blocks per query block, or auto (default): the smallest k that keeps the dense answer")
     niah.add_argument("-o", "--output", required=True, help="folder for niah.json, route.png, needle_heads.png, "
                       "trace.sptrace (created if missing)")
+    niah.add_argument("--causal", action="store_true", help="causal check of the reader heads: knock out the top-N "
+                      "reader heads and N random heads, measure the RULER accuracy of the greedy answer and the drop "
+                      "of the answer's log-probability (niah.json 'causal', causal.png)")
+    niah.add_argument("--causal-n", type=int, nargs="+", default=None, metavar="N",
+                      help="numbers of heads to knock out (default 5 10 20); each needs 2N <= layers x heads")
+    niah.add_argument("--causal-seeds", type=int, default=None, metavar="S",
+                      help="random head draws per N, seeds 0..S-1 (default 5)")
+    niah.add_argument("--causal-forward", choices=["sparse", "dense"], default=None,
+                      help="sparse: Stream's sparse attention at the run's k (default); dense: the model's own "
+                      "attention")
     _add_needle_arguments(niah)
     add_run_arguments(niah, with_k=False, input_options=False)
 
@@ -67,15 +78,28 @@ def run_niah(args: argparse.Namespace) -> None:
     from ..tasks.niah import niah_prompt
 
     k, threshold = _needle_k(args.needle_k), _threshold(args)
+    causal_options = _causal_options(args)
     config, haystack = stream_config(args), _haystack(args.haystack)
     folder = output_folder(args.output)
     model, tokenizer = load(args)
+    if causal_options is not None:
+        from ..models import describe_model
+        from ..tasks.needle_causal import check_knockout_sizes
+
+        info = describe_model(model)  # refuse an N the model cannot hold before any forward pass
+        check_knockout_sizes(causal_options["n"], info["num_layers"], info["num_heads"])
     prompt = niah_prompt(tokenizer, args.length, args.depth, seed=args.seed, haystack=haystack,
                          chat_template=False if args.no_chat_template else None)
     result = run(model, tokenizer, prompt, config, k=k, k_max=args.k_max, allow_long=args.allow_long,
                  progress=progress(args), kernel=args.kernel, **threshold)
-    paths = save_niah(result, tokenizer, folder)
-    summary = result.summary()
+    causal = None
+    if causal_options is not None:
+        from ..tasks.needle_causal import reader_head_knockout
+
+        causal = reader_head_knockout(model, tokenizer, prompt, result, allow_long=args.allow_long,
+                                      progress=progress(args), kernel=args.kernel, **causal_options)
+    paths = save_niah(result, tokenizer, folder, causal=causal)
+    summary = result.summary() | ({} if causal is None else {"causal": causal.to_dict()})
     if args.json:
         print(json.dumps(summary | {"files": paths}, indent=2))
         return
@@ -94,8 +118,18 @@ def run_niah(args: argparse.Namespace) -> None:
         f"{len(route['route_attention_edges'])} attention edges carry >= {route['threshold']} of the needle",
         "readers      " + (", ".join(f"layer {layer} head {h} ({m:.2f})" for m, layer, h in readers) or "none")
         + "  (mass the answer block puts on the needle)",
-        f"wrote        {paths['route']} (the route), {paths['heads']}, {paths['json']}, {paths['trace']}",
     ]
+    if causal is not None:
+        where = f"sparse forward at k = {result.k}" if causal.forward == "sparse" else "dense forward"
+        lines.append(f"causal       {causal.head_mode} knockout, {where}; unchanged: accuracy "
+                     f"{causal.base.accuracy:.0%}, answer {causal.base.prediction!r}")
+        for row in causal.per_n():
+            lines.append(f"  N = {row['n']:<3}     top heads: accuracy {row['top_accuracy']:.0%}, drop "
+                         f"{row['top_drop']:.2f} nats | {row['random_seeds']} random draws: accuracy "
+                         f"{row['random_accuracy_mean']:.0%} ± {row['random_accuracy_std']:.0%}, drop "
+                         f"{row['random_drop_mean']:.2f} ± {row['random_drop_std']:.2f} nats")
+    lines.append(f"wrote        {paths['route']} (the route), {paths['heads']}, {paths['json']}, {paths['trace']}"
+                 + (f", {paths['causal']}" if causal is not None else ""))
     print("\n".join(lines))
 
 
@@ -129,6 +163,25 @@ def _needle_k(value: str) -> int | str:
     if not value.isdigit() or int(value) < 1:
         raise InputError(f"--k {value}: use a positive number of key blocks or auto")
     return int(value)
+
+
+def _causal_options(args: argparse.Namespace) -> dict | None:
+    """The reader_head_knockout options of --causal, checked before the model loads (None: no --causal)."""
+    given = [name for name, value in (("--causal-n", args.causal_n), ("--causal-seeds", args.causal_seeds),
+                                      ("--causal-forward", args.causal_forward)) if value is not None]
+    if not args.causal:
+        if given:
+            raise InputError(f"{', '.join(given)} set the causal check; add --causal to run it")
+        return None
+    from ..tasks.needle_causal import DEFAULT_N, DEFAULT_SEEDS
+
+    n = args.causal_n if args.causal_n is not None else list(DEFAULT_N)
+    if any(x < 1 for x in n):
+        raise InputError(f"--causal-n {' '.join(map(str, n))}: use positive numbers of heads, e.g. --causal-n 5 10 20")
+    seeds = args.causal_seeds if args.causal_seeds is not None else DEFAULT_SEEDS
+    if seeds < 1:
+        raise InputError(f"--causal-seeds {seeds}: use a positive number of random draws per N")
+    return {"n": n, "seeds": seeds, "forward": args.causal_forward or "sparse"}
 
 
 def _threshold(args: argparse.Namespace) -> dict:

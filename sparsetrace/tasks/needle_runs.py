@@ -109,12 +109,15 @@ def block_labels(trace: Trace, tokenizer, blocks: list[int], width: int = 24) ->
     return labels
 
 
-def save_niah(run: NiahRun, tokenizer, folder: str | Path) -> dict[str, str]:
-    """Write niah.json, route.png, needle_heads.png and trace.sptrace (the summary in its `extra`)."""
-    from ..plots import reader_heads_figure, route_figure
+def save_niah(run: NiahRun, tokenizer, folder: str | Path, causal=None) -> dict[str, str]:
+    """Write niah.json, route.png, needle_heads.png and trace.sptrace (the summary in its `extra`);
+    with `causal` (a `needle_causal.ReaderKnockout`) also its fields in niah.json ("causal") and causal.png."""
+    from ..plots import knockout_figure, reader_heads_figure, route_figure
 
     folder = Path(folder)
     summary = run.summary()
+    if causal is not None:
+        summary["causal"] = causal.to_dict()
     route = run.route
     on_route = [block for u, v, _ in route.route.attention_edges() for block in (v[1], u[1])]
     labelled = list(dict.fromkeys([0, *route.needle_blocks, *route.answer_blocks, *on_route]))[:30]
@@ -132,6 +135,11 @@ def save_niah(run: NiahRun, tokenizer, folder: str | Path) -> dict[str, str]:
         "route": save_figure(figure, folder / "route.png"),
         "heads": save_figure(heads, folder / "needle_heads.png"),
     }
+    if causal is not None:
+        where = "sparse, k = " + str(run.k) if causal.forward == "sparse" else "dense"
+        title = (f"{run.prompt.num_tokens:,} tokens, needle at depth {run.prompt.depth}: top-N reader heads vs N "
+                 f"random heads knocked out ({causal.head_mode}, {where} forward)")
+        paths["causal"] = save_figure(knockout_figure(causal.per_n(), title=title), folder / "causal.png")
     run.trace.extra["niah"] = {key: summary[key] for key in ("prompt", "dense_answer", "correct", "k", "min_k",
                                                             "answer_kept")} | {"route": summary["route"]}
     paths["trace"] = run.trace.save(folder / "trace.sptrace")
