@@ -17,7 +17,7 @@ EXAMPLES = """examples:
 
 
 def register(sub) -> None:
-    from ..analysis.attribution import METHODS, SOURCE_KINDS
+    from ..analysis.attribution import DEFAULT_METHOD, METHODS, SOURCE_KINDS
 
     parser = subcommand(
         sub, "attribute", run, EXAMPLES,
@@ -35,10 +35,10 @@ def register(sub) -> None:
     group = parser.add_argument_group("attribution")
     group.add_argument("--sources", default="sentences", choices=SOURCE_KINDS,
                        help="what a source is (default sentences; blocks: the trace's key blocks in the context)")
-    group.add_argument("--method", default="mean", choices=list(METHODS),
-                       help="how per layer/head masses become one score: mean over layers and heads (default), "
-                       "mean_per_token (the same per token of the source), max_head (largest head per layer, mean "
-                       "over layers), focused (heads weighted by how few sources they read)")
+    group.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
+                       help="how per layer/head masses become one score: max_head (default: the largest head per "
+                       "layer, mean over layers), mean (over layers and heads), mean_per_token (the same per token "
+                       "of the source), focused (heads weighted by how few sources they read)")
     group.add_argument("--max-new-tokens", type=int, default=64, help="token limit of the greedy answer (default 64)")
     group.add_argument("--top", type=int, default=5, help="sources printed and numbered in the figure (default 5)")
     add_run_arguments(parser, input_options=False)

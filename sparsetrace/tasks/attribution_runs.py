@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..analysis.attribution import (
+    DEFAULT_METHOD,
     METHODS,
     SOURCE_KINDS,
     Source,
@@ -132,7 +133,7 @@ def attribute(
     prompt: str | None = None,
     context_span: tuple[int, int] | None = None,
     sources: str = "sentences",
-    method: str = "mean",
+    method: str = DEFAULT_METHOD,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     allow_long: bool = False,
     progress: bool | None = None,

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from test_cli import run
 
 from sparsetrace import Intervention, StreamConfig, load_model, response_logprobs
-from sparsetrace.cli import main
 
 TEXT = "The keeper lit the lamp at dusk. The lamp burned until dawn. The gate key is blue. " * 2
 
@@ -15,12 +15,6 @@ def text_file(tmp_path):
     path = tmp_path / "prompt.txt"
     path.write_text(TEXT)
     return str(path)
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_ablate_json_equals_the_library(capsys, text_file, model_folder):
