@@ -4,7 +4,7 @@ For each length x depth: the RULER needle prompt (seed 0, as the sweep), the nia
 min k (sweep/sweep.json, `--search hierarchical`: the same estimator; the run records whether the
 answer is kept there, else k = auto searches again), its reader heads (the mass the answer block
 puts on the needle, per head), then `reader_head_knockout`: top N vs N random heads (seeds 0..S-1),
-zero mode, on the chosen forward. Each finished cell is written to OUT/cells/ and skipped next time;
+zero mode, on the chosen forward. Each finished cell is written to OUT/cell_LENGTH_DEPTH.json and skipped next time;
 causal.json and causal.png are rewritten after every cell.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/niah/causal.py --lengths 1024 2048 --forward dense
@@ -86,16 +86,16 @@ def main() -> None:
     parser.add_argument("--forward", choices=["sparse", "dense"], default="dense")
     parser.add_argument("-o", "--output", type=Path, default=HERE / "causal")
     parser.add_argument("--table", action="store_true",
-                        help="rebuild OUT/causal.json, causal.png from the finished cells (OUT/cells/); print tables")
+                        help="rebuild OUT/causal.json, causal.png from the finished cells (OUT/cell_*.json); "
+                        "print tables")
     args = parser.parse_args()
     if args.table:  # rebuild causal.json / causal.png from every finished cell, print the tables
-        found = [json.loads(p.read_text()) for p in (args.output / "cells").glob("*.json")]
+        found = [json.loads(p.read_text()) for p in args.output.glob("cell_*.json")]
         if found:
             found.sort(key=lambda c: (c["length"], c["depth"]))
             write_summary(args, st.StreamConfig(search="hierarchical"), found)
         return print_tables(json.loads((args.output / "causal.json").read_text()))
-    cells_dir = args.output / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
     sweep = json.loads((HERE / "sweep" / "sweep.json").read_text())
     min_k = {(c["length"], c["depth"]): c["min_k"] for c in sweep["cells"]}
     config = st.StreamConfig(search="hierarchical")
@@ -103,7 +103,7 @@ def main() -> None:
     grid = [(length, depth) for length in args.lengths for depth in args.depths]
     done = {}
     for length, depth in grid:
-        path = cells_dir / f"{length}_{depth}.json"
+        path = args.output / f"cell_{length}_{depth}.json"
         if path.exists():
             done[length, depth] = json.loads(path.read_text())
             continue
