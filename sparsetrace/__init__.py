@@ -24,7 +24,8 @@ from .fidelity import FidelityReport, MinKResult, check, min_k
 from .interventions import Intervention
 from .models import describe_model, load_model, load_tokenizer
 from .report import build_report, report
-from .stream import Selection, select_blocks
+from .selection import Selection
+from .stream import select_blocks
 from .tasks.anchor_runs import AnchorsResult, AnchorText, anchors
 from .tasks.attribution_runs import Attribution, attribute, attribution_prompt
 from .tasks.needle_causal import ReaderKnockout, reader_head_knockout

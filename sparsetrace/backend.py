@@ -41,7 +41,8 @@ from .errors import InputError, UnsupportedModelError
 from .interventions import LayerKnockout
 from .kernels import check_kernel, choose_kernel
 from .models import check_config_supported
-from .stream import Selection, select_blocks
+from .selection import Selection
+from .stream import select_blocks
 
 ATTENTION_NAME = "sparsetrace"
 

@@ -6,10 +6,8 @@ branches split over each row's own causal range and scored against the centre bl
 branch. Four defaults differ from the paper's (HiP's) estimator because they measured better:
 the logsumexp of the scaled scores instead of their max, a beam of 2k branches in all rounds
 but the last, scoring with every 8th query, and scoring every candidate block on rows where that
-costs no more than the search (`search="auto"`). On the default model (4k tokens of the built-in
-sample, all 30 layers; benchmarks/estimator_choice) that keeps 0.993 of the oracle's recall on
-average (worst layer 0.977) against 0.967 (worst 0.911) for the paper's settings, at 0.16x its
-estimator time.
+costs no more than the search (`search="auto"`). benchmarks/estimator_choice measures them
+against the paper's settings on the default model (recall against the oracle, estimator time).
 `StreamConfig(score="max", beam=k, query_stride=1, search="hierarchical")` is the paper's estimator.
 
 >>> StreamConfig(k=4, block_size=32).block_k
@@ -19,6 +17,7 @@ estimator time.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,9 +65,10 @@ class StreamConfig:
             query-key products over the candidates). All need partition="row".
         search: "hierarchical" = the halving search on every row (the paper); "exhaustive" = score
             every candidate block of every row and keep the best (exact for the score; O(T^2 / b^2)
-            scores, a reference); "auto" (default) = exhaustive on the rows with at most twice the
-            candidates the search would score (a densely scored block costs about half a searched
-            one), the search on the others: better selections at lower cost, still O(T log T).
+            scores, a reference); "auto" (default) = exhaustive on the rows with few enough
+            candidates that scoring them all costs no more than the search (a densely scored block
+            is cheaper than a searched one), the search on the others: better selections at lower
+            cost, still O(T log T).
     """
 
     k: int = 8
@@ -134,6 +134,19 @@ class StreamConfig:
         if unknown:
             raise ConfigError(f"unknown StreamConfig field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**values)
+
+
+def field_help() -> dict[str, str]:
+    """Each field's description from `StreamConfig`'s docstring (its Args), whitespace collapsed: the
+    one text that the API docs and every command's --help show."""
+    entries: dict[str, list[str]] = {}
+    for line in StreamConfig.__doc__.split("Args:", 1)[1].splitlines():
+        entry = re.match(r"^ {8}(\w+): (.*)", line)
+        if entry:
+            entries[entry[1]] = [entry[2]]
+        elif line.strip() and entries:
+            entries[next(reversed(entries))].append(line.strip())
+    return {name: " ".join(words) for name, words in entries.items()}
 
 
 def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .blocks import num_blocks, row_key_range, visible
 from .config import StreamConfig
-from .stream import Selection, keep_largest_overall, row_budgets, with_forced_blocks
+from .selection import Selection, keep_largest_overall, row_budgets, searched_range, with_forced_blocks
 
 # Score elements per (query chunk x key chunk) step: bounds the working memory (~64 MB fp32).
 _STEP_ELEMENTS = 1 << 24
@@ -151,15 +151,15 @@ def oracle_selection(mass: Tensor, config: StreamConfig, tokens: int, sliding_wi
     """
     n_k = mass.shape[-1]
     first, last = row_key_range(tokens, config.block_q, config.block_k, sliding_window, mass.device)
-    lo, hi = torch.clamp(first, min=config.sinks), last - config.local
+    lo, hi = searched_range(first, last, config)
     j = torch.arange(n_k, device=mass.device)
     searchable = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])  # [n_q, n_k]
     budget = row_budgets(tokens, config).to(mass.device)  # [n_q]: k per row, or the k_schedule's
-    most = int(budget.max())
-    best = mass.masked_fill(~searchable, -1.0).topk(min(most, n_k), dim=-1)
+    max_budget = int(budget.max())
+    best = mass.masked_fill(~searchable, -1.0).topk(min(max_budget, n_k), dim=-1)
     rank = torch.arange(best.indices.shape[-1], device=mass.device)
     chosen = torch.where((best.values >= 0) & (rank < budget[:, None]), best.indices, -1)
-    chosen = torch.nn.functional.pad(chosen, (0, most - chosen.shape[-1]), value=-1)
+    chosen = torch.nn.functional.pad(chosen, (0, max_budget - chosen.shape[-1]), value=-1)
     scores = torch.full(chosen.shape, float("nan"), device=mass.device)
     best_per_row = with_forced_blocks(chosen, scores, first, last, n_k, config)
     if config.k_schedule != "mass":

@@ -6,16 +6,15 @@
   `stream._rank_span`, `block_attention._attend_chunk`) under `torch.compile(dynamic=True)`: the
   sizes are symbolic, so a new sequence length reuses the compiled code. Each function still
   compiles a few variants, a bounded set met at the first lengths, not one per length: a chunk or
-  span of one block, masked chunks or not, a sliding window or softcap or not (benchmarks/fast_paths:
-  8k compiled nothing after 4k; 16k and 32k added estimator variants only).
+  span of one block, masked chunks or not, a sliding window or softcap or not (benchmarks/fast_paths
+  counts the graphs compiled after each length).
 - "flex": the block attention by torch's `flex_attention`, compiled, over a
   `BlockMask.from_kv_blocks` of the kept blocks (`block_attention.flex_block_attention`); the
   estimator runs eager.
-- "auto" (default): the fastest for the device. On CPU "eager": in benchmarks/fast_paths (2 cores,
-  quiet) no other path was faster than eager for estimator plus attention at 4k-32k tokens
-  (compile 1.17-1.40x, flex 1.06-1.28x eager's time a layer), and compiling made a process's
-  first calls take 20 s instead of 0.2 s (at 4k). On CUDA "flex",
-  not measured here (no GPU): flex_attention's fused kernels are what it is built for.
+- "auto" (default): the fastest for the device. On CPU "eager": in benchmarks/fast_paths no other
+  path was faster than eager for estimator plus attention at 4k-32k tokens, and compiling makes a
+  process's first calls take seconds. On CUDA "flex", not measured here (no GPU): flex_attention's
+  fused kernels are what it is built for.
 
 Fallbacks: a request a path cannot serve runs eager. The `on_probabilities` hook (e.g. sentence
 attention, `analysis.anchors`) needs the probabilities over the kept keys, which flex_attention

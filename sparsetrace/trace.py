@@ -42,7 +42,7 @@ from .blocks import num_blocks, row_key_range
 from .config import StreamConfig
 from .errors import ConfigError, InputError, TraceFileError
 from .files import atomic_write
-from .stream import kept_width
+from .selection import kept_width
 
 FORMAT = "sparsetrace"
 FORMAT_VERSION = "1"

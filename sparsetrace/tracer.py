@@ -23,7 +23,7 @@ from .blocks import num_blocks
 from .config import StreamConfig
 from .errors import InputError, MemoryRequestError, UnsupportedModelError
 from .models import describe_model, execution_devices, input_device
-from .stream import kept_width
+from .selection import kept_width
 from .trace import Trace
 
 # Inputs at least this long get a progress bar over layers by default.

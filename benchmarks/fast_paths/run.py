@@ -36,6 +36,8 @@ from sparsetrace.config import StreamConfig
 from sparsetrace.stream import select_blocks
 
 HERE = Path(__file__).parent
+PATHS = ("estimator_eager", "estimator_compile", "attention_eager", "attention_compile", "attention_flex",
+         "attention_mass_only")
 BATCH, HEADS, KV_HEADS, DIM = 1, 9, 3, 64  # one layer of SmolLM2-135M
 
 
@@ -61,13 +63,13 @@ def difference(result, reference) -> dict:
             "max_abs_mass": float((result[1] - reference[1]).abs().max())}
 
 
-def measure(tokens: int, runs: int, config: StreamConfig) -> dict:
+def measure(tokens: int, runs: int, config: StreamConfig, only: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(tokens)
     q = torch.randn(BATCH, HEADS, tokens, DIM, generator=gen)
     k, v = (torch.randn(BATCH, KV_HEADS, tokens, DIM, generator=gen) for _ in range(2))
     row = {"tokens": tokens, "loadavg_before": os.getloadavg()}
     indices = select_blocks(q, k, config).indices
-    calls = paths(q, k, v, indices, config)
+    calls = {name: call for name, call in paths(q, k, v, indices, config).items() if not only or name in only}
     first, graphs, reference = {}, {}, {}
     for name, call in calls.items():
         started = time.perf_counter()
@@ -75,8 +77,9 @@ def measure(tokens: int, runs: int, config: StreamConfig) -> dict:
         first[name] = time.perf_counter() - started
         graphs[name] = counters["stats"]["unique_graphs"]
     row["first_call_s"], row["graphs_compiled_after_first_call"] = first, graphs
-    row["vs_eager"] = {name: difference(reference[name], reference[name.split("_")[0] + "_eager"])
-                       for name in calls if name.endswith(("compile", "flex"))}
+    eager = {name: name.split("_")[0] + "_eager" for name in calls if name.endswith(("compile", "flex"))}
+    row["vs_eager"] = {name: difference(reference[name], reference[base])
+                       for name, base in eager.items() if base in calls}
     times = {name: [] for name in calls}
     names = list(calls)
     for r in range(runs):
@@ -91,7 +94,7 @@ def measure(tokens: int, runs: int, config: StreamConfig) -> dict:
     return row
 
 
-def plot(result: dict) -> None:
+def plot(result: dict, folder: Path = HERE) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +116,7 @@ def plot(result: dict) -> None:
     axes[0].set_ylabel("seconds per call, one layer (median)")
     fig.suptitle("sparsetrace kernels on CPU (2 cores, shared): B=1, 9 q heads, 3 kv heads, d=64, fp32, k=8, b=64")
     fig.tight_layout()
-    fig.savefig(HERE / "fast_paths.png", dpi=120)
+    fig.savefig(folder / "fast_paths.png", dpi=120)
 
 
 def main() -> None:
@@ -121,6 +124,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--runs", type=int, default=3, help="alternating rounds per length (median)")
     parser.add_argument("--replot", action="store_true", help="redraw the PNG from results.json")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, help="time only these paths (default: all)")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for results.json and fast_paths.png")
     args = parser.parse_args()
     if args.replot:
         plot(json.loads((HERE / "results.json").read_text()))
@@ -136,12 +141,12 @@ def main() -> None:
         "rows": [],
     }
     for tokens in args.lengths:
-        row = measure(tokens, args.runs, config)
+        row = measure(tokens, args.runs, config, args.paths)
         result["rows"].append(row)
         print(tokens, {name: round(t, 3) for name, t in row["median_s"].items()},
               "first", {name: round(t, 2) for name, t in row["first_call_s"].items()}, flush=True)
-        (HERE / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result)
+        (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from sparsetrace import StreamConfig, load_model, niah_prompt, select_blocks
 from sparsetrace.blocks import row_key_range
 from sparsetrace.dense import oracle_selection
 from sparsetrace.fidelity import greedy_continuation, layer_recall, search_min_k
-from sparsetrace.stream import with_forced_blocks
+from sparsetrace.selection import with_forced_blocks
 from sparsetrace.tracer import run_trace
 
 # The default model's committed results were measured with the halving search on every row (the

@@ -8,30 +8,9 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from ..config import StreamConfig
+from ..config import StreamConfig, field_help
 from ..errors import InputError
 from ..kernels import KERNELS
-
-CONFIG_HELP = {
-    "k": "key blocks selected per query block, on top of sinks and local (default 8)",
-    "block_size": "tokens per block for queries and keys (default 64)",
-    "block_q": "tokens per query block (default: --block-size)",
-    "block_k": "tokens per key block (default: --block-size)",
-    "sinks": "leading key blocks always kept, the attention sinks (default 1; 0 = off)",
-    "local": "diagonal key blocks always kept (default 1; 0 = off)",
-    "partition": "split each row's own range (row, default) or the global key axis (global, as the paper)",
-    "representative": "score a branch by its centre block (block, default) or centre token (token)",
-    "score": "reduce a branch's q.k by logsumexp (default) or max (as HiP and the paper)",
-    "query_stride": "score with every s-th query of a block (default 8, at most the block; 1 = all)",
-    "beam": "branches kept per halving round before the last (default 2k; the paper: k)",
-    "head_sharing": "one mask per query head (head, default) or per key/value group (kv_group)",
-    "k_schedule": "fixed k per query block (fixed, default); or the same total per head shifted to later "
-    "blocks in proportion to log2(candidates) (log) or to candidates (linear), or given to the searched "
-    "blocks of largest attention mass over all query blocks (mass)",
-    "search": "score every candidate on rows where that is cheaper than the halving search, search the "
-    "others (auto, default); always search (hierarchical, the paper); score every candidate everywhere "
-    "(exhaustive, O(T^2) scores: a reference)",
-}
 
 
 def subcommand(sub, name: str, run, examples: str, text_input: bool = False, **kwargs) -> argparse.ArgumentParser:
@@ -58,11 +37,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True, inpu
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     add_kernel_arguments(parser)
     group = parser.add_argument_group("estimator (StreamConfig)")
+    described = field_help()
     for field in dataclasses.fields(StreamConfig):
         if field.name == "k" and not with_k:
             continue
         kind = int if field.type in ("int", "int | None") else str
-        group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None, help=CONFIG_HELP[field.name])
+        text = described[field.name]
+        if "default" not in text and field.default is not None:
+            text += f" Default: {field.default}."
+        group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None, help=text)
 
 
 def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:

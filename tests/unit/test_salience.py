@@ -10,7 +10,7 @@ import torch
 from sparsetrace.analysis.salience import KINDS, salience, save_salience
 from sparsetrace.config import StreamConfig
 from sparsetrace.errors import InputError
-from sparsetrace.stream import kept_width
+from sparsetrace.selection import kept_width
 from sparsetrace.trace import Trace
 
 

@@ -10,7 +10,8 @@ from sparsetrace import stream
 from sparsetrace.blocks import row_key_range
 from sparsetrace.config import StreamConfig
 from sparsetrace.errors import InputError
-from sparsetrace.stream import kept_width, row_budgets, select_blocks
+from sparsetrace.selection import row_budgets
+from sparsetrace.stream import select_blocks
 
 
 def reference_select(q, k, cfg, window=None, scaling=None):
@@ -19,8 +20,8 @@ def reference_select(q, k, cfg, window=None, scaling=None):
     group = heads // k.shape[1]
     scaling = dim**-0.5 if scaling is None else scaling
     n_q, n_k = math.ceil(tokens / cfg.block_q), math.ceil(tokens / cfg.block_k)
-    out = torch.full((batch, heads, n_q, kept_width(tokens, cfg)), -1, dtype=torch.int32)
-    budgets = row_budgets(tokens, cfg)
+    budgets = reference_budgets(tokens, cfg)
+    out = torch.full((batch, heads, n_q, cfg.sinks + max(budgets) + cfg.local), -1, dtype=torch.int32)
     every_candidate_below = _every_candidate_below(tokens, cfg, window)
     for b in range(batch):
         for h in range(heads):
@@ -87,6 +88,44 @@ def reference_select(q, k, cfg, window=None, scaling=None):
     return out
 
 
+def reference_budgets(tokens, cfg):
+    """Each row's budget by the k schedule's definition, found exactly: row i's budget under a scale s
+    is min(floor(s w_i + 1/2), n_i), which steps up at s = (m - 1/2) / w_i for m = 1 .. n_i; the
+    largest s whose total stays within sum_i min(k, n_i) lies just below the (total + 1)-th step."""
+    n_q = math.ceil(tokens / cfg.block_q)
+    if cfg.k_schedule in ("fixed", "mass"):
+        return [cfg.k * (2 if cfg.k_schedule == "mass" else 1)] * n_q
+    lasts = [(min((i + 1) * cfg.block_q, tokens) - 1) // cfg.block_k for i in range(n_q)]
+    candidates = [max(last - cfg.local - cfg.sinks + 1, 0) for last in lasts]
+    total = sum(min(cfg.k, n) for n in candidates)
+    weights = [math.log2(1 + n) if cfg.k_schedule == "log" else n for n in candidates]
+    steps = sorted((m - 0.5) / w for n, w in zip(candidates, weights, strict=True) for m in range(1, n + 1))
+    cut = steps[total] if total < len(steps) else math.inf
+    return [sum((m - 0.5) / w < cut for m in range(1, n + 1)) for n, w in zip(candidates, weights, strict=True)]
+
+
+@pytest.mark.parametrize(("schedule", "expected"), [
+    ("fixed", [2] * 10),
+    ("mass", [4] * 10),
+    # 10 rows with n = 0, 0, 1, ..., 8 candidates (1 sink, 1 local), fixed total 0 + 0 + 1 + 2 * 7 = 15;
+    # linear: budgets round(s n) at s just below 7 / 16 (where n = 8 would reach 4)
+    ("linear", [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]),
+    # log: round(s log2(1 + n)) at s just below 5 / 6 (where n = 7 would reach 3)
+    ("log", [0, 0, 1, 1, 2, 2, 2, 2, 2, 3]),
+])
+def test_row_budgets_by_hand(schedule, expected):
+    cfg = StreamConfig(k=2, block_size=64, k_schedule=schedule)
+    assert row_budgets(640, cfg).tolist() == expected
+    assert reference_budgets(640, cfg) == expected
+
+
+@pytest.mark.parametrize("tokens", [1, 100, 1000, 4096, 8192])
+@pytest.mark.parametrize("cfg", [StreamConfig(k=8, k_schedule="log"), StreamConfig(k=3, k_schedule="linear"),
+                                 StreamConfig(k=5, block_q=32, block_k=64, sinks=2, local=2, k_schedule="log")])
+def test_row_budgets_match_the_exact_reference(tokens, cfg):
+    assert row_budgets(tokens, cfg).tolist() == reference_budgets(tokens, cfg)
+
+
 def _forced(cfg, first, last):
     """The sink and local blocks a row keeps whatever the search finds."""
     sinks = {j for j in range(cfg.sinks) if first <= j <= last}
@@ -101,7 +140,7 @@ def _every_candidate_below(tokens, cfg, window):
         return math.inf if cfg.search == "exhaustive" else -1
     widest = _widest(tokens, cfg, window)
     rounds = math.ceil(math.log2(widest)) if widest > 1 else 0
-    budgets = row_budgets(tokens, cfg).tolist()
+    budgets = reference_budgets(tokens, cfg)
     beam = max(max(b * cfg.beam // cfg.k, b) for b in budgets)
     return stream._DENSE_SCORE_SPEEDUP * (2 * max(budgets) + 2 * beam * (rounds - 1)) if rounds else 0
 
@@ -112,7 +151,7 @@ def _widest(tokens, cfg, window):
     lo = torch.clamp(first, min=cfg.sinks)
     n = torch.clamp(last - cfg.local - lo + 1, min=0)
     if cfg.partition == "row":
-        budget = row_budgets(tokens, cfg)
+        budget = torch.tensor(reference_budgets(tokens, cfg))
         return int(max((-(-n // budget.clamp(min=1))) * (budget > 0)).item()) if n.numel() else 0
     axis = math.ceil(tokens / cfg.block_k) - cfg.sinks
     widths = []
@@ -167,7 +206,7 @@ def test_properties(partition, window, tokens):
     q, k = torch.randn(2, 6, tokens, 8), torch.randn(2, 3, tokens, 8)
     sel = select_blocks(q, k, cfg, sliding_window=window)
     n_q = math.ceil(tokens / 16)
-    assert sel.indices.shape == (2, 6, n_q, kept_width(tokens, cfg)) and sel.indices.dtype == torch.int32
+    assert sel.indices.shape == (2, 6, n_q, 1 + 4 + 1) and sel.indices.dtype == torch.int32
     first, last = row_key_range(tokens, 16, 16, window)
     for b in range(2):
         for h in range(6):
@@ -286,7 +325,7 @@ def test_mass_schedule_matches_plain_reference(window, seed):
     searched = (sel.indices >= torch.clamp(first, min=1)[:, None]) & (sel.indices < last[:, None])
     assert searched.sum(dim=(0, 2, 3)).tolist() == [total] * 4, "every head keeps the fixed schedule's total"
     assert int(searched.sum(-1).max()) > cfg.k, "some row keeps more than k"
-    assert sel.indices.shape[-1] == kept_width(200, cfg) == 1 + 2 * cfg.k + 1
+    assert sel.indices.shape[-1] == 1 + 2 * cfg.k + 1
 
 
 def test_mass_schedule_with_kv_group_sharing_gives_one_mask_per_group():
