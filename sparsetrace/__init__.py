@@ -29,13 +29,12 @@ from .stream import select_blocks
 from .tasks.anchor_runs import AnchorsResult, AnchorText, anchors
 from .tasks.attribution_runs import Attribution, attribute, attribution_prompt
 from .tasks.needle_causal import ReaderKnockout, reader_head_knockout
-from .tasks.needle_runs import NiahRun, run_niah, sweep
-from .tasks.niah import NiahPrompt, niah_prompt
+from .tasks.needle_runs import NiahRun, run_niah, sparse_answer, sweep
+from .tasks.niah import NiahPrompt, niah_prompt, ruler_prompts
 from .tasks.suppression import SuppressionResult, suppression_matrix
+from .trace import VERSION as __version__  # the package metadata's (pyproject.toml), as trace files record it
 from .trace import Trace, load_trace
 from .tracer import trace
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AblationResult",
@@ -82,9 +81,11 @@ __all__ = [
     "reader_head_knockout",
     "report",
     "route",
+    "ruler_prompts",
     "run_niah",
     "salience",
     "select_blocks",
+    "sparse_answer",
     "suppression_matrix",
     "sweep",
     "trace",

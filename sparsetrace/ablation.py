@@ -34,7 +34,7 @@ from .backend import sparse_attention
 from .config import StreamConfig
 from .errors import InputError, UnsupportedModelError
 from .interventions import Intervention
-from .models import describe_model, full_kv_cache, input_device
+from .models import cached_keys_values, describe_model, forward_logits, full_kv_cache
 from .tracer import prepare_input
 
 ABLATION_FORWARDS = ("sparse", "dense")
@@ -200,17 +200,13 @@ def intervened_logits(
     mode = "exact" if forward == "dense" else "sparse"
     switched = sparse_attention(model, config, lambda record: None, forward=mode, kernel=kernel, knockouts=knockouts,
                                 prefix_cache=mode == "sparse" and cache is not None)
-    with switched as run, torch.inference_mode():
-        out = model(input_ids=ids[skip:][None].to(input_device(model)), use_cache=cache is not None,
-                    logits_to_keep=keep, **(cache or {}))
+    with switched as run:
+        logits = forward_logits(model, ids[skip:], keep=keep, cache=cache)
     if len(run.layers_seen) != num_layers:
         raise UnsupportedModelError(f"{type(model).__name__}: attention layers "
                                     f"{sorted(set(range(num_layers)) - run.layers_seen)} never called the "
                                     "sparsetrace attention, so interventions would miss them")
-    logits = out.logits[0, -keep:]
-    if not keep_cache:
-        return logits, None
-    return logits, [(layer.keys, layer.values) for layer in next(iter(cache.values())).layers]
+    return logits, cached_keys_values(cache) if keep_cache else None
 
 
 @dataclass

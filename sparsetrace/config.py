@@ -69,6 +69,15 @@ class StreamConfig:
             candidates that scoring them all costs no more than the search (a densely scored block
             is cheaper than a searched one), the search on the others: better selections at lower
             cost, still O(T log T).
+        coverage: None (default) = a fixed budget (k, or the k schedule's); p in (0, 1] = each row
+            keeps the fewest searched blocks whose estimated share of its attention, with the
+            forced blocks, reaches p, within [k_min, k_max] (`stream._keep_to_coverage`): rows
+            that read few blocks keep few, spread rows keep more. Needs score="logsumexp" and
+            k_schedule="fixed".
+        k_min: with coverage, the fewest searched blocks a row keeps (default 1; 0 = only the
+            forced ones may do).
+        k_max: with coverage, the most searched blocks a row keeps (default 4k); the search looks
+            for this many candidates, so time and trace size grow with it.
     """
 
     k: int = 8
@@ -85,12 +94,20 @@ class StreamConfig:
     head_sharing: str = "head"
     k_schedule: str = "fixed"
     search: str = "auto"
+    coverage: float | None = None
+    k_min: int | None = None
+    k_max: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_q is None:
             object.__setattr__(self, "block_q", self.block_size)
         if self.block_k is None:
             object.__setattr__(self, "block_k", self.block_size)
+        if self.coverage is not None:
+            if self.k_min is None:
+                object.__setattr__(self, "k_min", 1)
+            if self.k_max is None and isinstance(self.k, int):
+                object.__setattr__(self, "k_max", 4 * self.k)
         if self.beam is None and isinstance(self.k, int):
             object.__setattr__(self, "beam", 2 * self.k)
         if self.query_stride is None and isinstance(self.block_q, int):
@@ -115,14 +132,48 @@ class StreamConfig:
         _check_choice("head_sharing", self.head_sharing, HEAD_SHARING)
         _check_choice("k_schedule", self.k_schedule, K_SCHEDULES)
         _check_choice("search", self.search, SEARCHES)
+        self._check_coverage()
         if self.k_schedule != "fixed" and self.partition != "row":
             raise ConfigError(f"k_schedule={self.k_schedule!r} needs partition='row' (each row splits its own "
                               "range into its own number of branches)")
 
+    def _check_coverage(self) -> None:
+        if self.coverage is None:
+            if self.k_min is not None or self.k_max is not None:
+                raise ConfigError("k_min and k_max bound a coverage budget; set coverage too (e.g. coverage=0.95), "
+                                  "or use k alone for a fixed budget")
+            return
+        if isinstance(self.coverage, bool) or not isinstance(self.coverage, (int, float)) or not (
+                0 < self.coverage <= 1):
+            raise ConfigError(f"coverage={self.coverage!r} is the share of each row's attention to keep; "
+                              "use a number with 0 < coverage <= 1, such as 0.95")
+        _check_int("k_min", self.k_min, 0, "k_min counts searched blocks a row keeps at least; use k_min >= 0")
+        _check_int("k_max", self.k_max, 1, "k_max counts searched blocks a row keeps at most; use k_max >= 1")
+        if self.k_min > self.k_max:
+            raise ConfigError(f"k_min={self.k_min} is larger than k_max={self.k_max}; use k_min <= k_max")
+        if self.score != "logsumexp":
+            raise ConfigError(f"coverage estimates attention shares from scaled scores; use score='logsumexp' "
+                              f"(not {self.score!r}) with coverage")
+        if self.k_schedule != "fixed":
+            raise ConfigError(f"coverage sets each row's budget itself; use k_schedule='fixed' (not "
+                              f"{self.k_schedule!r}) with coverage")
+
+    def budget_text(self) -> str:
+        """The budget in words, as the commands print it: "k = 8" or "coverage 0.95 (1-32 blocks a row)"."""
+        if self.coverage is None:
+            return f"k = {self.k}"
+        return f"coverage {self.coverage} ({self.k_min}-{self.k_max} blocks a row)"
+
+    @property
+    def searched_k(self) -> int:
+        """Blocks each row's search looks for: k, or k_max under a coverage budget."""
+        return self.k if self.coverage is None else self.k_max
+
     def with_k(self, k: int) -> StreamConfig:
-        """The same settings with another k; a beam at its default (2k) follows k."""
+        """The same settings with a fixed budget of k (a coverage budget's bounds dropped); a beam at
+        its default (2k) follows k."""
         beam = 2 * k if self.beam == 2 * self.k else max(self.beam, k)
-        return dataclasses.replace(self, k=k, beam=beam)
+        return dataclasses.replace(self, k=k, beam=beam, coverage=None, k_min=None, k_max=None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -141,24 +141,28 @@ def dense_attention(
     return out
 
 
-def oracle_selection(mass: Tensor, config: StreamConfig, tokens: int, sliding_window: int | None = None) -> Selection:
+def oracle_selection(mass: Tensor, config: StreamConfig, tokens: int, sliding_window: int | None = None,
+                     budget: Tensor | None = None) -> Selection:
     """The best possible selection of the same budget: the same forced (sink and local) blocks as
     Stream, plus each row's budget (k, or the k_schedule's) of searchable key blocks of largest
     true mass; for the "mass" schedule, the same total per head over all rows (at most 2k a row).
 
     Args:
         mass: float [B, H, n_q, n_k] from `dense_block_mass`.
+        budget: int [B, H, n_q] searched blocks per row, instead of the config's: a coverage
+            budget's own counts (`selection.selected_counts` of the trace), so the oracle keeps as many.
     """
     n_k = mass.shape[-1]
     first, last = row_key_range(tokens, config.block_q, config.block_k, sliding_window, mass.device)
     lo, hi = searched_range(first, last, config)
     j = torch.arange(n_k, device=mass.device)
     searchable = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])  # [n_q, n_k]
-    budget = row_budgets(tokens, config).to(mass.device)  # [n_q]: k per row, or the k_schedule's
-    max_budget = int(budget.max())
+    if budget is None:
+        budget = row_budgets(tokens, config).to(mass.device)  # [n_q]: k per row, or the k_schedule's
+    max_budget = max(int(budget.max()), 1)
     best = mass.masked_fill(~searchable, -1.0).topk(min(max_budget, n_k), dim=-1)
     rank = torch.arange(best.indices.shape[-1], device=mass.device)
-    chosen = torch.where((best.values >= 0) & (rank < budget[:, None]), best.indices, -1)
+    chosen = torch.where((best.values >= 0) & (rank < budget[..., None]), best.indices, -1)
     chosen = torch.nn.functional.pad(chosen, (0, max_budget - chosen.shape[-1]), value=-1)
     scores = torch.full(chosen.shape, float("nan"), device=mass.device)
     best_per_row = with_forced_blocks(chosen, scores, first, last, n_k, config)

@@ -25,11 +25,13 @@ import torch
 from torch import Tensor
 
 from .backend import LayerRecord
-from .blocks import num_blocks, queries_per_row
+from .blocks import num_blocks, queries_per_row, row_key_range
 from .config import StreamConfig
 from .dense import oracle_selection, recall
 from .errors import InputError
-from .models import input_device, kv_cache
+from .models import greedy_decode, kv_cache
+from .selection import selected_counts
+from .trace import Trace
 from .tracer import prepare_input, run_trace
 
 
@@ -95,7 +97,11 @@ def check(
 
     def measure(layer: LayerRecord) -> None:
         mass = layer.block_mass.cpu()
-        best = oracle_selection(mass, config, len(ids), layer.sliding_window).indices
+        budget = None  # a coverage budget: the oracle keeps as many blocks as each row did
+        if config.coverage is not None:
+            budget = selected_counts(layer.selection.indices.cpu(), *row_key_range(
+                len(ids), config.block_q, config.block_k, layer.sliding_window), config)
+        best = oracle_selection(mass, config, len(ids), layer.sliding_window, budget).indices
         per_head[layer.layer] = (layer_recall(layer.selection.indices.cpu(), mass, len(ids), config.block_q),
                                  layer_recall(best, mass, len(ids), config.block_q))
 
@@ -131,8 +137,8 @@ def greedy_continuation(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The dense model's greedy continuation of `ids`, for teacher forcing.
 
-    One dense pass over the prompt, then n - 1 one-token steps on its key/value cache: at long
-    contexts this costs one dense forward instead of n.
+    One dense pass over the prompt, then n - 1 one-token steps on its key/value cache
+    (`models.greedy_decode`): at long contexts this costs one dense forward instead of n.
 
     Args:
         ids: int64 [T] the prompt.
@@ -144,19 +150,7 @@ def greedy_continuation(
         logits: float32 [n, vocab], the dense model's logits at those n positions.
     """
     _check_n_match(n)
-    device = input_device(model)
-    with torch.inference_mode():
-        if prefilled is None:
-            cache = kv_cache(model)
-            first = model(input_ids=ids[None].to(device), use_cache=True, logits_to_keep=1, **cache).logits[0, -1]
-        else:
-            first, cache = prefilled
-        rows = [first.float().cpu()]
-        for _ in range(n - 1):
-            step = rows[-1].argmax(-1, keepdim=True)[None].to(device)
-            rows.append(model(input_ids=step, use_cache=True, logits_to_keep=1, **cache).logits[0, -1].float().cpu())
-    logits = torch.stack(rows)
-    continuation = logits.argmax(-1)
+    continuation, logits = greedy_decode(model, ids, n, prefilled=prefilled)
     return torch.cat([ids, continuation[:-1]]), continuation, logits
 
 
@@ -165,18 +159,40 @@ def _check_n_match(n: int) -> None:
         raise InputError(f"n_match={n}; compare at least one next token (the paper uses 2)")
 
 
+class _SearchFacts:
+    """`to_dict` of a budget search's result: every field but the trace, `passed` keyed by text."""
+
+    def to_dict(self) -> dict[str, Any]:
+        facts = dataclasses.asdict(dataclasses.replace(self, trace=None))
+        del facts["trace"]
+        return facts | {"passed": {str(value): ok for value, ok in sorted(self.passed.items())}}
+
+
+def _continued_input(model, tokenizer, text, input_ids, config: StreamConfig, n_match: int, max_tokens: int | None,
+                     allow_long: bool) -> tuple[Tensor, Tensor]:
+    """The checked input extended by its dense greedy continuation but the last token, and the
+    continuation of `n_match` tokens a budget search must keep (`greedy_continuation`)."""
+    _check_n_match(n_match)
+    ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
+                        continuation=n_match - 1)
+    extended, continuation, _ = greedy_continuation(model, ids, n_match)
+    return extended, continuation
+
+
 @dataclass
-class MinKResult:
-    """The smallest k that keeps the dense greedy continuation, and every k tried on the way."""
+class MinKResult(_SearchFacts):
+    """The smallest k that keeps the dense greedy continuation, and every k tried on the way.
+
+    `trace`: the search's trace at min k (at k_max when no k keeps it), so that callers need not trace
+    again; not in `to_dict`.
+    """
 
     min_k: int | None
     passed: dict[int, bool]
     monotone_near_answer: bool
     k_max: int
     stats_at_min_k: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"passed": {str(k): v for k, v in sorted(self.passed.items())}}
+    trace: Trace | None = field(default=None, repr=False, compare=False)
 
 
 def min_k(
@@ -202,10 +218,8 @@ def min_k(
     `kernel`: as `trace`.
     """
     config = config or StreamConfig()
-    _check_n_match(n_match)
-    ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
-                        continuation=n_match - 1)
-    extended, continuation, _ = greedy_continuation(model, ids, n_match)
+    extended, continuation = _continued_input(model, tokenizer, text, input_ids, config, n_match, max_tokens,
+                                              allow_long)
     return search_min_k(model, tokenizer, extended, continuation, config, k_max=k_max, progress=progress,
                         kernel=kernel)
 
@@ -223,30 +237,126 @@ def search_min_k(
 ) -> MinKResult:
     """`min_k` on an input already extended by its dense continuation (see `greedy_continuation`)."""
     k_max = k_max or num_blocks(len(extended), config.block_k)
-    passed: dict[int, bool] = {}
-    stats: dict[int, dict[str, Any]] = {}
+    passes = _Attempts(model, tokenizer, extended, continuation, config.with_k, progress, kernel)
+    found, monotone = _smallest_passing(range(1, k_max + 1), passes)
+    if found is None:
+        return MinKResult(None, passes.passed, True, k_max, {}, passes.kept_trace())
+    return MinKResult(found, passes.passed, monotone, k_max, passes.stats[found], passes.kept_trace())
 
-    def passes(k: int) -> bool:
-        if k not in passed:
-            result, logits = run_trace(model, tokenizer, extended, config.with_k(k),
-                                       logits_to_keep=len(continuation), progress=progress, kernel=kernel)
-            passed[k] = bool(torch.equal(logits.argmax(-1), continuation))
-            stats[k] = result.stats()
-        return passed[k]
 
-    if not passes(k_max):
-        return MinKResult(None, passed, True, k_max, {})
-    low, high = 1, k_max
+# Coverage targets `min_coverage` tries (a binary search over them): finer near 1, where the last
+# few percent of a row's attention decide.
+COVERAGE_GRID = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
+
+
+@dataclass
+class MinCoverageResult(_SearchFacts):
+    """The smallest coverage target p (of `grid`) that keeps the dense greedy continuation.
+
+    `trace`: the search's trace at that p (at the grid's last when none keeps it); not in `to_dict`.
+    """
+
+    min_coverage: float | None
+    passed: dict[float, bool]
+    monotone_near_answer: bool
+    k_max: int
+    stats_at_min_coverage: dict[str, Any]
+    trace: Trace | None = field(default=None, repr=False, compare=False)
+
+
+def min_coverage(
+    model,
+    tokenizer,
+    text: str | None = None,
+    config: StreamConfig | None = None,
+    *,
+    input_ids: Tensor | list[int] | None = None,
+    n_match: int = 2,
+    grid: tuple[float, ...] = COVERAGE_GRID,
+    max_tokens: int | None = None,
+    allow_long: bool = False,
+    progress: bool | None = None,
+    kernel: str = "auto",
+) -> MinCoverageResult:
+    """`min_k`'s counterpart for a coverage budget: binary search over `grid` for the smallest p
+    whose sparse model reproduces the next `n_match` tokens. `config` supplies everything but p;
+    its k_max (default: every key block, so that p = 1 is dense attention) bounds each row."""
+    config = config or StreamConfig()
+    extended, continuation = _continued_input(model, tokenizer, text, input_ids, config, n_match, max_tokens,
+                                              allow_long)
+    return search_min_coverage(model, tokenizer, extended, continuation, config, grid=grid, progress=progress,
+                               kernel=kernel)
+
+
+def search_min_coverage(
+    model,
+    tokenizer,
+    extended: Tensor,
+    continuation: Tensor,
+    config: StreamConfig,
+    *,
+    grid: tuple[float, ...] = COVERAGE_GRID,
+    progress: bool | None = None,
+    kernel: str = "auto",
+) -> MinCoverageResult:
+    """`min_coverage` on an input already extended by its dense continuation (see `greedy_continuation`)."""
+    if not grid or list(grid) != sorted(set(grid)) or not all(0 < p <= 1 for p in grid):
+        raise InputError(f"coverage grid {list(grid)}: give distinct values in (0, 1], ascending")
+    k_max = config.k_max if config.coverage is not None else num_blocks(len(extended), config.block_k)
+    k_min = config.k_min if config.coverage is not None else 1
+
+    def at(p: float) -> StreamConfig:
+        return dataclasses.replace(config, coverage=p, k_min=k_min, k_max=k_max)
+
+    passes = _Attempts(model, tokenizer, extended, continuation, at, progress, kernel)
+    found, monotone = _smallest_passing(grid, passes)
+    if found is None:
+        return MinCoverageResult(None, passes.passed, True, k_max, {}, passes.kept_trace())
+    return MinCoverageResult(found, passes.passed, monotone, k_max, passes.stats[found], passes.kept_trace())
+
+
+class _Attempts:
+    """Traces at a budget value (k or p) once each: did it keep the continuation; its stats; the
+    trace of the smallest passing value so far (the largest tried first)."""
+
+    def __init__(self, model, tokenizer, extended: Tensor, continuation: Tensor, config_at, progress, kernel) -> None:
+        self.run = lambda value: run_trace(model, tokenizer, extended, config_at(value),
+                                           logits_to_keep=len(continuation), progress=progress, kernel=kernel)
+        self.continuation = continuation
+        self.passed: dict = {}
+        self.stats: dict = {}
+        self.kept: dict = {}
+
+    def __call__(self, value) -> bool:
+        if value not in self.passed:
+            result, logits = self.run(value)
+            self.passed[value] = bool(torch.equal(logits.argmax(-1), self.continuation))
+            self.stats[value] = result.stats()
+            if not self.kept or (self.passed[value] and value < min(self.kept)):
+                self.kept = {value: result}
+        return self.passed[value]
+
+    def kept_trace(self) -> Trace | None:
+        return next(iter(self.kept.values()), None)
+
+
+def _smallest_passing(values, passes) -> tuple[Any, bool]:
+    """Binary search over ascending `values` for the smallest that passes, assuming monotone; its
+    lower neighbour is checked to fail and its upper one tried too. Returns (value or None when not
+    even the largest passes, whether the upper neighbour passes again)."""
+    if not passes(values[-1]):
+        return None, True
+    low, high = 0, len(values) - 1
     while low < high:
         middle = (low + high) // 2
-        if passes(middle):
+        if passes(values[middle]):
             high = middle
         else:
             low = middle + 1
-    if low > 1:
-        passes(low - 1)
-    monotone = low >= k_max or passes(low + 1)
-    return MinKResult(low, passed, monotone, k_max, stats[low])
+    if low > 0:
+        passes(values[low - 1])
+    monotone = low >= len(values) - 1 or passes(values[low + 1])
+    return values[low], monotone
 
 
 def layer_recall(indices: Tensor, block_mass: Tensor, tokens: int, block_q: int) -> Tensor:

@@ -5,7 +5,8 @@ answer (greedy by default; `temperature > 0` samples, seeded). With `follow_up` 
 it keeps asking `follow_up` after every reply until the transcript reaches `min_tokens` tokens
 (how `benchmarks/texts/make_cot.py` writes a long CoT with a small model). A tqdm bar counts the
 new tokens. The result is the transcript text (template included, as it is traced) and the char
-spans of the model's replies.
+spans of the model's replies. Greedy decoding is `models.greedy_decode`; sampling and repetition
+penalties go through transformers' `generate` (`models.sample_decode`), so a seed draws what it drew.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers.generation.streamers import BaseStreamer
 
 from .errors import InputError
-from .models import input_device
+from .models import eos_token_ids, greedy_decode, sample_decode
 
 
 @dataclass
@@ -28,21 +28,6 @@ class Generation:
     reply_spans: list[tuple[int, int]]
     new_tokens: int
     settings: dict
-
-
-class _TokenBar(BaseStreamer):
-    """Counts generated tokens on a tqdm bar (`generate` first passes the prompt, which is skipped)."""
-
-    def __init__(self, bar: tqdm) -> None:
-        self.bar, self.prompt_seen = bar, False
-
-    def put(self, value) -> None:
-        if self.prompt_seen:
-            self.bar.update(value.numel())
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        self.prompt_seen = False
 
 
 def generate_reasoning(
@@ -69,11 +54,8 @@ def generate_reasoning(
     if getattr(tokenizer, "chat_template", None) is None:
         raise InputError("the tokenizer has no chat template; give the reasoning text as INPUT instead of --generate")
     torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     messages = [{"role": "user", "content": problem}]
     replies, total_new = [], 0
-    device = input_device(model)
     with tqdm(total=max_new_tokens if min_tokens is None else min_tokens, desc="generating", unit="token",
               disable=not progress) as bar:
         while True:
@@ -82,12 +64,15 @@ def generate_reasoning(
             needed = max_new_tokens if min_tokens is None else min_tokens - ids.shape[1]
             if replies and needed < 64:  # too little left for another useful reply
                 break
-            room = min(max_new_tokens, needed)
-            with torch.inference_mode():
-                out = model.generate(ids.to(device), max_new_tokens=max(room, 1), repetition_penalty=repetition_penalty,
-                                     pad_token_id=tokenizer.eos_token_id, streamer=_TokenBar(bar), **sampling)
-            total_new += out.shape[1] - ids.shape[1]
-            reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            room = max(min(max_new_tokens, needed), 1)
+            if temperature == 0 and repetition_penalty == 1:
+                new, _ = greedy_decode(model, ids[0], room, stop=eos_token_ids(model), on_token=lambda _: bar.update())
+            else:  # sampling, or a repetition penalty: transformers' generate
+                new = sample_decode(model, ids[0], room, temperature=temperature, top_p=top_p,
+                                    repetition_penalty=repetition_penalty, pad_token_id=tokenizer.eos_token_id,
+                                    on_token=lambda _: bar.update())
+            total_new += len(new)
+            reply = tokenizer.decode(new, skip_special_tokens=True).strip()
             replies.append(reply)
             messages.append({"role": "assistant", "content": reply})
             if follow_up is None or min_tokens is None:

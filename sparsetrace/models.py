@@ -14,7 +14,11 @@ them (`assemble(path)`, local files only, checked against a sha256). The joined 
 temporary folder inside the cache, is converted as above, and is deleted: only the converted copy is
 kept (the join takes ~1 s, so keeping 242 MB of GGUF for a later re-conversion is not worth it).
 
-Only this module and `backend.py` know about transformers' model internals.
+Only this module and `backend.py` know about transformers' model internals, so this module is also
+the one place that runs the model: `forward_logits` (one forward pass, on whatever attention the
+model is switched to), `greedy_decode` (argmax steps on a key/value cache) and `sample_decode`
+(seeded sampling through transformers' `generate`). Everything else passes token ids in and gets
+logits or tokens back.
 """
 
 from __future__ import annotations
@@ -30,16 +34,19 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .errors import SparsetraceError, UnsupportedModelError
+from .errors import InputError, SparsetraceError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,144 @@ def full_kv_cache(model: PreTrainedModel, prefix: list[tuple[torch.Tensor, torch
     pass's full cache, seed the others (a sliding layer's own cache would have dropped them).
     """
     return {_cache_argument(model): DynamicCache() if prefix is None else DynamicCache(ddp_cache_data=prefix)}
+
+
+def cached_keys_values(cache: dict) -> list[tuple[Tensor, Tensor]]:
+    """Per layer (keys, values) [B, H_kv, T, d] held by a `kv_cache` / `full_kv_cache` a forward filled."""
+    return [(layer.keys, layer.values) for layer in next(iter(cache.values())).layers]
+
+
+def forward_logits(model: PreTrainedModel, input_ids: Tensor, *, keep: int = 1, cache: dict | None = None) -> Tensor:
+    """One forward pass: the logits of the last `keep` positions, as the model computed them (its dtype
+    and device: callers that keep many positions choose their own precision).
+
+    The pass runs on the model's own (dense) attention, or on whatever a `backend.sparse_attention`
+    block switched it to.
+
+    Args:
+        input_ids: int64 [T]; with `cache` holding a prefix, the positions after it only.
+        cache: a `kv_cache` or `full_kv_cache`, which the pass fills (decoding goes on from it).
+    Returns:
+        [keep, vocab] logits.
+    """
+    with torch.inference_mode():
+        out = model(input_ids=input_ids[None].to(input_device(model)), use_cache=cache is not None,
+                    logits_to_keep=keep, **(cache or {}))
+    return out.logits[0, -keep:]
+
+
+def greedy_decode(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    stop: Collection[int] = (),
+    prefilled: tuple[Tensor, dict] | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The model's greedy continuation of `input_ids`: one pass over the prompt, then one cached step a token.
+
+    The plain argmax at every step (what transformers' `generate(do_sample=False)` does when the
+    generation config adds no logits processors, as for our models), with the logits that chose each
+    token: fidelity checks compare them. Runs on whatever attention the model is switched to.
+
+    Args:
+        input_ids: int64 [T] the prompt.
+        max_new_tokens: at most this many tokens (>= 1).
+        stop: token ids that end the continuation, themselves included (e.g. `eos_token_ids(model)`).
+        prefilled: (float [vocab] last-position logits, `kv_cache`) of a pass over `input_ids` that
+            already ran (e.g. a dense-forward trace); then only the one-token steps run.
+        on_token: called with each new token id (a progress bar).
+    Returns:
+        tokens: int64 [n], n <= max_new_tokens; logits: float32 [n, vocab] on the CPU, row i the
+        logits whose argmax is token i.
+    """
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens}; decode at least one token")
+    if prefilled is None:
+        cache = kv_cache(model)
+        last = forward_logits(model, input_ids, cache=cache)[-1]
+    else:
+        last, cache = prefilled
+    tokens: list[int] = []
+    rows: list[Tensor] = []
+    while True:
+        rows.append(last.float().cpu())
+        tokens.append(int(rows[-1].argmax()))
+        if on_token is not None:
+            on_token(tokens[-1])
+        if tokens[-1] in stop or len(tokens) == max_new_tokens:
+            return torch.tensor(tokens, dtype=torch.int64), torch.stack(rows)
+        last = forward_logits(model, torch.tensor(tokens[-1:]), cache=cache)[-1]
+
+
+def sample_decode(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    pad_token_id: int | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> Tensor:
+    """What `greedy_decode` leaves out: seeded sampling (temperature > 0) and repetition penalties.
+
+    transformers' `generate` does it (with its default top_k of 50 when sampling), so a seed set
+    with `torch.manual_seed` gives the texts that `generate` gave, e.g. `benchmarks/texts/cot.txt`.
+    Stops at the generation config's eos token.
+
+    Args:
+        input_ids: int64 [T] the prompt.
+        temperature: 0 decodes greedily (with the repetition penalty), above 0 samples.
+    Returns:
+        int64 [n] the new tokens (n <= max_new_tokens), on the CPU.
+    """
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    ids = input_ids[None].to(input_device(model))
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                             pad_token_id=pad_token_id, streamer=_TokenStreamer(on_token), **sampling)
+    return out[0, ids.shape[1]:].cpu()
+
+
+class _TokenStreamer(BaseStreamer):
+    """`generate`'s streamer, calling `on_token` with each new token (it first passes the prompt: skipped)."""
+
+    def __init__(self, on_token: Callable[[int], None] | None) -> None:
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value: Tensor) -> None:
+        if self.prompt_seen and self.on_token is not None:
+            for token in value.reshape(-1).tolist():
+                self.on_token(token)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.prompt_seen = False
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:
+    """The tokens that end a reply: the generation config's eos (one id or several), else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def forward_sizes(model: PreTrainedModel) -> dict[str, int]:
+    """What a forward pass's memory grows with, beyond `describe_model`: the hidden and MLP widths, the
+    vocabulary, and the bytes of one element of the widest floating-point weight."""
+    text = model.config.get_text_config()
+    hidden = int(text.hidden_size)
+    return {
+        "hidden": hidden,
+        "intermediate": int(getattr(text, "intermediate_size", 4 * hidden)),
+        "vocab": int(getattr(model.config, "vocab_size", 0) or 0),
+        "element_bytes": max(torch.finfo(p.dtype).bits // 8 for p in model.parameters() if p.is_floating_point()),
+    }
 
 
 def execution_devices(model: PreTrainedModel) -> set[torch.device]:

@@ -15,6 +15,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .analysis.routes import Route  # noqa: E402
+from .text import shorten  # noqa: E402
 
 ROUTE_RED = "#d62728"
 
@@ -239,8 +240,7 @@ def salience_figure(result, *, title: str = "", top: int = 10) -> Figure:
         j = row["block"]
         ax.annotate(str(row["rank"]), (starts[j] + result.block_k / 2, selected[j]), textcoords="offset points",
                     xytext=(0, 2), ha="center", va="bottom", fontsize=8, color=ROUTE_RED, fontweight="bold")
-        text = " ".join((row["text"] or "").split())
-        text = text if len(text) <= 46 else text[:45] + "…"
+        text = shorten(row["text"] or "", 46)
         lines.append(f"{row['rank']:>2}. tokens {row['tokens'][0]}-{row['tokens'][1]}  ({row['selected_mean']:.3f})\n"
                      f"    {text!r}" if row["text"] is not None else
                      f"{row['rank']:>2}. tokens {row['tokens'][0]}-{row['tokens'][1]}  ({row['selected_mean']:.3f})")

@@ -26,10 +26,13 @@ class Selection:
         scores: float32, same shape: each selected block's score (the search's last round, or
             the score of every candidate on rows that score them all); NaN for forced blocks,
             padding, and searched rows whose branches were single blocks from the start.
+        coverage: float32 [B, H, n_q] under a coverage budget: each row's estimated share of its
+            attention in the kept blocks (`stream._keep_to_coverage`); None for a fixed budget.
     """
 
     indices: Tensor
     scores: Tensor
+    coverage: Tensor | None = None
 
 
 def searched_range(first: Tensor, last: Tensor, config: StreamConfig) -> tuple[Tensor, Tensor]:
@@ -48,11 +51,14 @@ def row_budgets(tokens: int, config: StreamConfig) -> Tensor:
     proportion to log2(1 + n_i) or to n_i (each row capped at n_i): later rows, which choose among
     more blocks, get more of the budget; "linear" keeps about the same fraction of every row.
     "mass": 2k, the candidates each row searches for; `keep_largest_overall` then cuts the total
-    back to the fixed schedule's.
+    back to the fixed schedule's. A coverage budget: k_max, the candidates each row searches for;
+    `stream` then keeps as many as its coverage needs.
     Depends on T and the config only, so every layer (sliding or not) has the same budgets and
     the trace keeps one width, `kept_width`.
     """
     n_q = num_blocks(tokens, config.block_q)
+    if config.coverage is not None:
+        return torch.full((n_q,), config.k_max, dtype=torch.int64)
     if config.k_schedule in ("fixed", "mass"):
         return torch.full((n_q,), config.k * (2 if config.k_schedule == "mass" else 1), dtype=torch.int64)
     lo, hi = searched_range(*row_key_range(tokens, config.block_q, config.block_k, None), config)
@@ -76,6 +82,14 @@ def kept_width(tokens: int, config: StreamConfig) -> int:
     return config.sinks + (int(budget.max()) if budget.numel() else config.k) + config.local
 
 
+def selected_counts(indices: Tensor, first: Tensor, last: Tensor, config: StreamConfig) -> Tensor:
+    """int64 [B, H, n_q]: the kept blocks of each row that are not forced, from indices [B, H, n_q, K]
+    (-1 = none) and each row's visible blocks first, last [n_q]."""
+    lo, hi = searched_range(first, last, config)
+    idx = indices.long()
+    return ((idx >= lo[:, None]) & (idx <= hi[:, None])).sum(dim=-1)
+
+
 def with_forced_blocks(
     selected: Tensor, score: Tensor, first: Tensor, last: Tensor, n_k: int, config: StreamConfig
 ) -> Selection:
@@ -96,7 +110,7 @@ def with_forced_blocks(
     )
     nan = torch.full((batch, heads, n_q, config.sinks + config.local), float("nan"), device=score.device)
     scores = torch.cat([nan[..., : config.sinks], score, nan[..., config.sinks :]], dim=-1)
-    return _sorted_rows(indices, scores, n_k)
+    return sorted_rows(indices, scores, n_k)
 
 
 def keep_largest_overall(
@@ -122,10 +136,10 @@ def keep_largest_overall(
     best = flat.topk(min(total, flat.shape[-1]), dim=-1).indices
     chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, best, True).view_as(searched) & searched
     keep = chosen | (~searched & (idx >= 0))
-    return _sorted_rows(torch.where(keep, idx, -1), torch.where(chosen, candidates.scores, float("nan")), n_k)
+    return sorted_rows(torch.where(keep, idx, -1), torch.where(chosen, candidates.scores, float("nan")), n_k)
 
 
-def _sorted_rows(indices: Tensor, scores: Tensor, n_k: int) -> Selection:
+def sorted_rows(indices: Tensor, scores: Tensor, n_k: int) -> Selection:
     """Each row's blocks in ascending order, empty slots (-1) last, scores alongside."""
     order = torch.where(indices >= 0, indices, n_k).argsort(dim=-1, stable=True)
     return Selection(indices.gather(-1, order).to(torch.int32), scores.gather(-1, order))

@@ -43,7 +43,7 @@ from .blocks import gather_blocks, num_blocks, row_key_range, split_blocks, visi
 from .config import StreamConfig
 from .errors import InputError
 from .kernels import compiled_version
-from .selection import Selection, keep_largest_overall, row_budgets, searched_range, with_forced_blocks
+from .selection import Selection, keep_largest_overall, row_budgets, searched_range, sorted_rows, with_forced_blocks
 
 # Score of a non-empty child none of whose keys the scoring queries can see: below any real
 # score, above empty children (-inf), and finite when summed over a head group.
@@ -102,13 +102,16 @@ def select_blocks(
     n_q, max_budget = search.query_pos.shape[0], plan.start.shape[1]  # step 3
     selected = torch.full((batch, heads, n_q, max_budget), -1, dtype=torch.int64, device=q.device)
     score = torch.full((batch, heads, n_q, max_budget), float("nan"), device=q.device)
+    log_total = search._no_total(n_q)
     all_rows = torch.arange(n_q, device=q.device)
     for rows, method in ((all_rows[~plan.score_all], search.hierarchical),
                          (all_rows[plan.score_all], search.every_candidate)):
         if len(rows):
-            selected[:, :, rows], score[:, :, rows] = method(rows)
+            selected[:, :, rows], score[:, :, rows], log_total[:, :, rows] = method(rows)
     n_k = num_blocks(tokens, config.block_k)
     kept = with_forced_blocks(selected, score, plan.first, plan.last, n_k, config)  # step 4
+    if config.coverage is not None:
+        return _keep_to_coverage(search, k, kept, log_total, n_k)
     if config.k_schedule != "mass":
         return kept
     return _cut_by_mass(q, k, kept, plan, config, scaling=scaling, sliding_window=sliding_window)
@@ -220,7 +223,9 @@ class _Search:
     query_blocks: [B, H, n_q, q', d] the scoring queries and query_pos int64 [n_q, q'] their
     positions; keys: [B, H_kv, n, key_block, d] key blocks (or single tokens, key_block = 1).
     Both methods return, for the rows `rows` (int64 [r]), the kept blocks int64 [B, H, r, m]
-    (-1 = none) and their scores [B, H, r, m], m = the largest row budget.
+    (-1 = none), their scores [B, H, r, m], m = the largest row budget, and each scoring query's
+    log attention mass on all the row's candidates [B, H, r, q'] (exact for every_candidate, an
+    estimate for hierarchical; -inf where not computed: a fixed budget).
     """
 
     query_blocks: Tensor
@@ -254,7 +259,12 @@ class _Search:
             return self.scoring
         return dataclasses.replace(self.scoring, masked=True)
 
-    def hierarchical(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def _no_total(self, rows: int) -> Tensor:
+        """A log mass of -inf for `rows` rows: [B, H, rows, q'] (nothing estimated beyond the kept blocks)."""
+        batch, heads, _, strided, _ = self.query_blocks.shape
+        return torch.full((batch, heads, rows, strided), float("-inf"), device=self.query_blocks.device)
+
+    def hierarchical(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The halving search: O(log n) rounds of 2 x beam children per row."""
         plan, tokens = self.plan, self.scoring.tokens
         batch, heads = self.query_blocks.shape[:2]
@@ -280,19 +290,22 @@ class _Search:
             branch_start = start[window].expand(batch, heads, -1, -1).contiguous()
             branch_width = width[window].expand(batch, heads, -1, -1).contiguous()
             score = torch.full(branch_start.shape, float("nan"), device=branch_start.device)
+            log_total = self._no_total(branch_start.shape[2])
             for r in range(plan.rounds):
                 last_round = r == plan.rounds - 1
-                branch_start, branch_width, score = search_round(
+                branch_start, branch_width, score, round_total = search_round(
                     query_blocks[:, :, window], query_pos[window], branch_start, branch_width, self.keys, scoring,
                     keep=max_budget if last_round else plan.beam_width,
                     row_keep=budget[window] if last_round else keep_beam[window],  # per-row budgets (k_schedule)
                 )
-            kept.append((branch_start, branch_width, score))
-        start, width, score = (torch.cat(x, dim=2)[:, :, : len(rows)] for x in zip(*kept, strict=True))
+                if r == 0 and round_total is not None:  # the first round's children cover every candidate
+                    log_total = round_total
+            kept.append((branch_start, branch_width, score, log_total))
+        start, width, score, log_total = (torch.cat(x, dim=2)[:, :, : len(rows)] for x in zip(*kept, strict=True))
         # width 0: a branch beyond the row's budget
-        return torch.where(width == 1, start, -1), torch.where(width == 1, score, float("nan"))
+        return torch.where(width == 1, start, -1), torch.where(width == 1, score, float("nan")), log_total
 
-    def every_candidate(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def every_candidate(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Score every candidate block of the rows and keep each row's best `budget`.
 
         The rows of a chunk see one contiguous span of key blocks, so their scores are one dense
@@ -305,7 +318,7 @@ class _Search:
         rank = compiled_version(_rank_span) if self.compiled else _rank_span
         widest = int((plan.hi[rows] - plan.lo[rows]).max()) + 1
         chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * strided * max(widest, 1) * scoring.key_block))
-        selected, scores = [], []
+        selected, scores, totals = [], [], []
         for chunk_rows in rows.split(chunk):
             lo, hi = plan.lo[chunk_rows], plan.hi[chunk_rows]
             first, last = int(lo.min()), int(hi.max())
@@ -313,6 +326,7 @@ class _Search:
                 selected.append(chunk_rows.new_full((batch, heads, len(chunk_rows), max_budget), -1))
                 scores.append(torch.full((batch, heads, len(chunk_rows), max_budget), float("nan"),
                                          device=chunk_rows.device))
+                totals.append(self._no_total(len(chunk_rows)))
                 continue
             span = torch.arange(first, last + 1, device=chunk_rows.device)
             if config.representative == "block":
@@ -323,11 +337,13 @@ class _Search:
                 key_pos = torch.clamp(middle, max=scoring.tokens - 1)[:, None]
                 keys = self.keys.index_select(2, key_pos[:, 0])
             query_pos = self.query_pos[chunk_rows]
-            best, value = rank(self.query_blocks[:, :, chunk_rows], query_pos, keys, key_pos, span, lo, hi,
-                               plan.budget[chunk_rows], self._scoring_for(query_pos), max_budget=max_budget)
+            best, value, log_total = rank(self.query_blocks[:, :, chunk_rows], query_pos, keys, key_pos, span, lo,
+                                          hi, plan.budget[chunk_rows], self._scoring_for(query_pos),
+                                          max_budget=max_budget)
             selected.append(best)
             scores.append(value)
-        return torch.cat(selected, dim=2), torch.cat(scores, dim=2)
+            totals.append(self._no_total(len(chunk_rows)) if log_total is None else log_total)
+        return torch.cat(selected, dim=2), torch.cat(scores, dim=2), torch.cat(totals, dim=2)
 
 
 def _search_round(
@@ -340,7 +356,7 @@ def _search_round(
     *,
     keep: int,
     row_keep: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One halving round for a chunk of c query blocks: split every branch in two, score the
     children, keep the best `keep` (row i: its best row_keep[i]).
 
@@ -351,26 +367,40 @@ def _search_round(
         keys: [B, H_kv, n, key_block, d] key blocks (or single tokens) to score against.
         keep: a static width; row_keep: int64 [c] each row's own number of branches to keep.
     Returns:
-        start, width, score of the kept children: [B, H, c, keep], key order, widths 0 past row_keep.
+        start, width, score of the kept children: [B, H, c, keep], key order, widths 0 past row_keep;
+        under a coverage budget also each scoring query's estimated log attention mass on all the
+        children [B, H, c, q'] (`_log_branch_total`; the first round's covers every candidate), else None.
     """
     half = (width + 1) // 2
     child_start = torch.stack([start, start + half], dim=-1).flatten(-2)
     child_width = torch.stack([half, width - half], dim=-1).flatten(-2)
-    child_score = _score_children(query_blocks, query_pos, child_start, child_width, keys, scoring)
+    child_score, per_query = _score_children(query_blocks, query_pos, child_start, child_width, keys, scoring)
+    log_total = _log_branch_total(per_query, child_width, scoring) if scoring.config.coverage is not None else None
     keep = min(keep, child_score.shape[-1])
     best = torch.sort(child_score, dim=-1, descending=True, stable=True).indices[..., :keep]
     start, width, score = (x.gather(-1, best) for x in (child_start, child_width, child_score))
     width = torch.where(torch.arange(keep, device=width.device) < row_keep[:, None], width, 0)
     # back to key order, so that equal scores keep preferring the lower block index
     order = torch.where(width > 0, start, torch.iinfo(start.dtype).max).argsort(dim=-1, stable=True)
-    return tuple(x.gather(-1, order) for x in (start, width, score))
+    start, width, score = (x.gather(-1, order) for x in (start, width, score))
+    return start, width, score, log_total
+
+
+def _log_branch_total(per_query: Tensor, child_width: Tensor, scoring: _Scoring) -> Tensor:
+    """Each scoring query's log attention mass on all the children, estimated: a child of w blocks
+    as w times its representative's ([B, H, c, q', C] and [B, H, c, C] -> [B, H, c, q'])."""
+    blocks = child_width.clamp(min=1) * (scoring.config.block_k / scoring.key_block)  # token representatives
+    estimate = (per_query + torch.log(blocks)[:, :, :, None, :]).masked_fill(child_width[:, :, :, None, :] == 0,
+                                                                             float("-inf"))
+    return estimate.logsumexp(dim=-1)
 
 
 def _score_children(
     query_blocks: Tensor, query_pos: Tensor, child_start: Tensor, child_width: Tensor, keys: Tensor, scoring: _Scoring
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Score each child by its representative; arguments as `_search_round`, children [B, H, c, C].
-    Returns float32 [B, H, c, C]; empty children -inf."""
+    Returns the scores float32 [B, H, c, C] (empty children -inf) and their per-query reduction
+    [B, H, c, q', C] (`_reduce_scores`)."""
     config, key_block = scoring.config, scoring.key_block
     centre = child_start + torch.clamp(child_width - 1, min=0) // 2
     if config.representative == "block":
@@ -386,8 +416,8 @@ def _score_children(
         seen = visible(query_pos[None, None, :, :, None, None], key_pos[:, :, :, None], scoring.tokens,
                        scoring.sliding_window)
         raw = raw.masked_fill(~seen, float("-inf"))
-    score = _reduce_scores(raw, config, keys.shape[1])
-    return torch.where(child_width > 0, score, float("-inf"))
+    score, per_query = _reduce_scores(raw, config, keys.shape[1])
+    return torch.where(child_width > 0, score, float("-inf")), per_query
 
 
 def _rank_span(
@@ -402,7 +432,7 @@ def _rank_span(
     scoring: _Scoring,
     *,
     max_budget: int,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Score every candidate of c rows against one contiguous span of n key blocks, keep each row's best.
 
     Args:
@@ -412,7 +442,9 @@ def _rank_span(
         lo, hi, budget: int64 [c] each row's searched blocks and how many it keeps.
         max_budget: the largest row budget (the width of the result).
     Returns:
-        kept blocks int64 [B, H, c, max_budget] (-1 = none) and their scores (NaN = none).
+        kept blocks int64 [B, H, c, max_budget] (-1 = none) and their scores (NaN = none); under a
+        coverage budget also each scoring query's log attention mass on all the rows' candidates
+        [B, H, c, q'], else None.
     """
     batch, heads, c, strided, dim = query_blocks.shape
     kv_heads = keys.shape[1]
@@ -422,32 +454,35 @@ def _rank_span(
     if scoring.masked:
         seen = visible(query_pos[:, :, None, None], key_pos, scoring.tokens, scoring.sliding_window)
         raw = raw.masked_fill(~seen, float("-inf"))
-    score = _reduce_scores(raw, scoring.config, kv_heads)
+    score, per_query = _reduce_scores(raw, scoring.config, kv_heads)
     outside = (span < lo[:, None]) | (span > hi[:, None])
     score = score.masked_fill(outside, float("-inf"))
+    log_total = None
+    if scoring.config.coverage is not None:  # each scoring query's log attention mass on all candidates
+        log_total = per_query.masked_fill(outside[:, None, :], float("-inf")).logsumexp(dim=-1)
     # max_budget more empty columns: a span narrower than max_budget needs no branch of its own
     score = torch.nn.functional.pad(score, (0, max_budget), value=float("-inf"))
     ranked = torch.sort(score, dim=-1, descending=True, stable=True)  # ties: the lower index first
     best, value = ranked.indices[..., :max_budget], ranked.values[..., :max_budget]
     valid = (value > float("-inf")) & (torch.arange(max_budget, device=span.device) < budget[:, None])
-    return torch.where(valid, best + span[0], -1), torch.where(valid, value, float("nan"))
+    return torch.where(valid, best + span[0], -1), torch.where(valid, value, float("nan")), log_total
 
 
-def _reduce_scores(raw: Tensor, config: StreamConfig, kv_heads: int) -> Tensor:
+def _reduce_scores(raw: Tensor, config: StreamConfig, kv_heads: int) -> tuple[Tensor, Tensor]:
     """One score per candidate from its q.k values `raw` [B, H, c, q', C, kb] (already scaled for
     "logsumexp"): float32 [B, H, c, C]; a candidate no scoring query can see gets `_UNSEEN`.
-    Reduced over the contiguous key axis first, then over the queries: far faster than one
-    reduction over two strided axes, and the same value."""
-    if config.score == "max":
-        score = raw.amax(dim=-1).amax(dim=3)
-    else:
-        score = raw.logsumexp(dim=-1).logsumexp(dim=3)
+    Also the per-query reduction [B, H, c, q', C] (for "logsumexp": each scoring query's log
+    attention mass on the candidate, unnormalised; -inf where it sees none of it), which coverage
+    budgets read. Reduced over the contiguous key axis first, then over the queries: far faster
+    than one reduction over two strided axes, and the same value."""
+    per_query = raw.amax(dim=-1) if config.score == "max" else raw.logsumexp(dim=-1)
+    score = per_query.amax(dim=3) if config.score == "max" else per_query.logsumexp(dim=3)
     score = torch.where(score == float("-inf"), _UNSEEN, score)  # non-empty but unseen by these queries
     if config.head_sharing == "kv_group":
         batch, heads, c, n = score.shape
         shared = score.view(batch, kv_heads, heads // kv_heads, c, n).sum(dim=2, keepdim=True)
         score = shared.expand(batch, kv_heads, heads // kv_heads, c, n).reshape(batch, heads, c, n)
-    return score
+    return score, per_query
 
 
 # Step 4's "mass" schedule.
@@ -464,3 +499,80 @@ def _cut_by_mass(q: Tensor, k: Tensor, candidates: Selection, plan: _Plan, confi
         mass = group.mean(dim=2, keepdim=True).expand_as(group).flatten(1, 2)
     n_k = num_blocks(k.shape[2], config.block_k)
     return keep_largest_overall(candidates, mass, plan.first, plan.last, n_k, config)
+
+
+# Step 4's coverage budget.
+
+def _keep_to_coverage(search: _Search, k: Tensor, candidates: Selection, log_total: Tensor, n_k: int) -> Selection:
+    """A coverage budget: each row keeps the fewest of its k_max candidates whose estimated share of
+    the row's attention, with the forced blocks, reaches p (within [k_min, the candidates found]).
+
+    The estimate reads the scoring queries only (every `query_stride`-th of a block): for each, its
+    attention over the kept blocks (exact) and over the searched candidates as a whole (`log_total`:
+    exact on rows that score every candidate, from the first round's representatives on rows that
+    search), normalised per query, then averaged over the queries. Nothing T x T: one more pass over
+    the k_max candidates and forced blocks of every row, in chunks.
+
+    Args:
+        k: [B, H_kv, T, d] the layer's keys; candidates: the search's k_max blocks a row plus the
+            forced ones [B, H, n_q, K]; log_total: [B, H, n_q, q'] each scoring query's log mass on
+            all the row's candidates (-inf: not estimated, the kept ones then stand for them all).
+    Returns:
+        the kept blocks, sorted, -1 padded, with `coverage` [B, H, n_q]: the estimated share kept.
+    """
+    config = search.scoring.config
+    key_blocks = search.keys if config.representative == "block" else split_blocks(k, config.block_k)
+    batch, heads, n_q, width = candidates.indices.shape
+    strided = search.query_blocks.shape[3]
+    chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * strided * width * config.block_k))
+    shares = torch.cat([
+        _kept_shares(search, key_blocks, candidates.indices[:, :, rows], log_total[:, :, rows], rows)
+        for rows in torch.arange(n_q, device=k.device).split(chunk)
+    ], dim=2)  # [B, H, n_q, K]
+    if config.head_sharing == "kv_group":  # one mask per group: the group's mean share
+        group = shares.unflatten(1, (k.shape[1], heads // k.shape[1]))
+        shares = group.mean(dim=2, keepdim=True).expand_as(group).flatten(1, 2)
+    idx = candidates.indices.long()
+    searched = (idx >= search.plan.lo[:, None]) & (idx <= search.plan.hi[:, None])
+    forced_share = (shares * (~searched & (idx >= 0))).sum(dim=-1)
+    ranked = shares.masked_fill(~searched, -1.0).sort(dim=-1, descending=True, stable=True)
+    found = searched.sum(dim=-1)
+    before = forced_share[..., None] + ranked.values.clamp(min=0).cumsum(dim=-1) - ranked.values.clamp(min=0)
+    needed = ((before < config.coverage) & (ranked.values >= 0)).sum(dim=-1)  # fewest reaching p, or all found
+    count = torch.minimum(torch.clamp(needed, min=config.k_min), found)
+    keep_ranked = torch.arange(width, device=k.device) < count[..., None]
+    keep = torch.zeros_like(searched).scatter(-1, ranked.indices, keep_ranked) | (~searched & (idx >= 0))
+    coverage = (shares * keep).sum(dim=-1).clamp(0.0, 1.0)
+    kept = sorted_rows(torch.where(keep, idx, -1), torch.where(keep, candidates.scores, float("nan")), n_k)
+    return dataclasses.replace(kept, coverage=coverage)
+
+
+def _kept_shares(search: _Search, key_blocks: Tensor, indices: Tensor, log_total: Tensor, rows: Tensor) -> Tensor:
+    """Each kept block's estimated share of its row's attention, for the rows `rows` (int64 [c]).
+
+    Args:
+        key_blocks: [B, H_kv, n_k, block_k, d]; indices: int [B, H, c, K] kept blocks (-1 = none),
+            forced ones included; log_total: [B, H, c, q'] as `_keep_to_coverage`.
+    Returns:
+        float32 [B, H, c, K]: the mean over the rows' scoring queries of the block's attention
+        probability under a softmax over the forced blocks and all candidates (0 for padding).
+    """
+    config, tokens, plan = search.scoring.config, search.scoring.tokens, search.plan
+    heads = search.query_blocks.shape[1]
+    idx = indices.long()
+    valid = idx >= 0
+    keys = gather_blocks(key_blocks, idx.clamp(min=0), heads)  # [B, H, c, K, kb, d]
+    queries = search.query_blocks[:, :, rows]  # [B, H, c, q', d], scaled
+    logits = torch.einsum("bhcqd,bhckjd->bhcqkj", queries, keys).float()
+    key_pos = idx[..., None] * config.block_k + torch.arange(config.block_k, device=idx.device)  # [B, H, c, K, kb]
+    query_pos = search.query_pos[rows]  # [c, q']
+    seen = visible(query_pos[None, None, :, :, None, None], key_pos[:, :, :, None], tokens,
+                   search.scoring.sliding_window) & valid[:, :, :, None, :, None]
+    per_block = logits.masked_fill(~seen, float("-inf")).logsumexp(dim=-1)  # [B, H, c, q', K]
+    searched = ((idx >= plan.lo[rows, None]) & (idx <= plan.hi[rows, None]))[:, :, :, None, :]
+    forced = per_block.masked_fill(searched | ~valid[:, :, :, None, :], float("-inf")).logsumexp(dim=-1)
+    kept_candidates = per_block.masked_fill(~searched, float("-inf")).logsumexp(dim=-1)
+    log_z = torch.logaddexp(forced, torch.maximum(kept_candidates, log_total))  # [B, H, c, q']
+    probability = torch.exp(per_block - log_z[..., None]).nan_to_num(0.0)  # a query that sees nothing: 0
+    real = (query_pos < tokens).float()  # [c, q']
+    return (probability * real[None, None, :, :, None]).sum(dim=3) / real.sum(dim=-1).clamp(min=1)[None, None, :, None]

@@ -7,14 +7,20 @@ Per layer l of L, for H heads and n_q = ceil(T / block_q) query blocks, K = sink
     mass[l]     float32 [H, n_q, K]  mean over the row's queries of the softmax probability summed over
                                      the block's keys; 0 on padding; each row sums to <= 1
 
-A kept block is *forced* (sink or local) iff j < sinks or j > last(i) - local, else *selected*.
+    coverage[l] float32 [H, n_q]     under a coverage budget (`StreamConfig.coverage`) only: each row's
+                                     estimated share of its attention in its kept blocks, in [0, 1]
 
-File format, version "1": one safetensors file. Tensors `token_ids` [T] int32, `layers.{l}.indices`,
-`layers.{l}.mass`, and `next_token_logits` [vocab] float32 when present. Metadata (strings): `format`
-= "sparsetrace", `format_version` = "1", `config` (JSON of StreamConfig.to_dict()), `model` (JSON of
-model_info), `extra` (JSON), `created_with` ("sparsetrace <version>"), `created` (UTC ISO time), and
-`sha256`: hex digest over every tensor in sorted name order of its name's UTF-8 bytes, a zero byte,
-then its raw little-endian bytes.
+A kept block is *forced* (sink or local) iff j < sinks or j > last(i) - local, else *selected*.
+Rows keep up to K blocks: fewer where they have fewer candidates, where a k schedule gives them
+less, or where a coverage budget needs fewer (the count is the number of indices >= 0).
+
+File format, version "2": one safetensors file. Tensors `token_ids` [T] int32, `layers.{l}.indices`,
+`layers.{l}.mass`, `layers.{l}.coverage` under a coverage budget, and `next_token_logits` [vocab]
+float32 when present. Version "1" (before coverage budgets) is the same without coverage tensors
+and still loads. Metadata (strings): `format` = "sparsetrace", `format_version`, `config` (JSON of
+StreamConfig.to_dict()), `model` (JSON of model_info), `extra` (JSON), `created_with`
+("sparsetrace <version>"), `created` (UTC ISO time), and `sha256`: hex digest over every tensor in
+sorted name order of its name's UTF-8 bytes, a zero byte, then its raw little-endian bytes.
 
 Why: safetensors never unpickles, so opening a colleague's trace cannot run code; the version key
 lets a later format be refused with a clear message instead of misread; the checksum catches damaged
@@ -26,6 +32,7 @@ and loading share one validator, so whatever loads is a trace the analyses can t
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -45,15 +52,23 @@ from .files import atomic_write
 from .selection import kept_width
 
 FORMAT = "sparsetrace"
-FORMAT_VERSION = "1"
-READABLE_VERSIONS = ("1",)
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+# Files written before `StreamConfig.search` existed (sparsetrace before commit 54b2904; still format
+# version "1") ran the halving search on every row. Their config JSON lacks the key, and filling in
+# today's default ("auto") would misdescribe how their blocks were chosen. tests/data holds such a file.
+PRE_SEARCH_CONFIG = {"search": "hierarchical"}
+try:  # the installed distribution's version, recorded in every file (no upward import of the package)
+    VERSION = importlib.metadata.version("sparsetrace")
+except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path that was never pip-installed
+    VERSION = "0+unknown"
 MODEL_INFO_KEYS = (
     "name", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "sliding_windows"
 )
 # Row masses are float32 means of softmax sums; allow rounding, not a second distribution.
 MASS_TOLERANCE = 1e-3
 _FIX = "re-create it with `sparsetrace trace`"
-_LAYER_TENSOR = re.compile(r"layers\.(0|[1-9][0-9]{0,8})\.(indices|mass)")
+_LAYER_TENSOR = re.compile(r"layers\.(0|[1-9][0-9]{0,8})\.(indices|mass|coverage)")
 
 
 class InvalidTraceError(ValueError):
@@ -71,6 +86,8 @@ class Trace:
         model_info: JSON dict with at least the keys in `MODEL_INFO_KEYS`; stored whole.
         next_token_logits: float [vocab], the sparse model's last-position logits (kept as float32).
         extra: small JSON dict of run facts, e.g. {"forward": "sparse", "seconds": 12.3}.
+        coverage: per layer float32 [H, n_q], each row's estimated coverage; given exactly when
+            `config.coverage` is set.
 
     Raises `InvalidTraceError` (a ValueError) when the data break the conventions above. Tensors
     are copied to the CPU.
@@ -86,17 +103,21 @@ class Trace:
         model_info: dict[str, Any],
         next_token_logits: Tensor | None = None,
         extra: dict[str, Any] | None = None,
+        coverage: list[Tensor] | None = None,
     ) -> None:
         model_info = _json_copy("model_info", model_info)
         extra = _json_copy("extra", {} if extra is None else extra)
         token_ids, next_token_logits = _cpu(token_ids), _cpu(next_token_logits)
         indices = [_cpu(x) for x in indices] if isinstance(indices, list | tuple) else indices
         mass = [_cpu(x) for x in mass] if isinstance(mass, list | tuple) else mass
+        coverage = [_cpu(x) for x in coverage] if isinstance(coverage, list | tuple) else coverage
         _validate(token_ids, config, indices, mass, model_info, next_token_logits)
+        _check_coverage(config, coverage, [(x.shape[0], x.shape[1]) for x in indices])
         self._token_ids = token_ids.long()
         self._config = config
         self._indices = list(indices)
         self._mass = list(mass)
+        self._coverage = None if coverage is None else list(coverage)
         self._model_info = model_info
         self._logits = None if next_token_logits is None else next_token_logits.float()
         self._extra = extra
@@ -161,6 +182,16 @@ class Trace:
                              f"(0..{self.num_layers - 1})")
         return self._indices[layer], self._mass[layer]
 
+    def coverage(self, layer: int) -> Tensor | None:
+        """float32 [H, n_q]: each row's estimated share of its attention in its kept blocks, under a
+        coverage budget; None for a fixed budget (its rows' share is what `check` measures)."""
+        self.blocks(layer)  # the range check
+        return None if self._coverage is None else self._coverage[layer]
+
+    def kept_counts(self, layer: int) -> Tensor:
+        """int64 [H, n_q]: blocks each row keeps, forced ones included."""
+        return (self.blocks(layer)[0] >= 0).sum(dim=-1)
+
     def forced_mask(self, layer: int) -> Tensor:
         """bool [H, n_q, K]: True where the kept block is a forced sink or local block, False for
         blocks the estimator selected and for -1 padding."""
@@ -182,7 +213,10 @@ class Trace:
         - `block_sparsity`: 1 - kept_blocks / (L * H * n_q * n_k), over the full block grid (the paper's).
         - `compression`: L * H * T^2 / kept_blocks (the paper's T^2 / (n_q k) per head and layer,
           with the real kept count).
-        - `trace_bytes`: bytes of the index and mass tensors (4 + 4 per entry, padding included);
+        - `kept_per_row_mean`, `kept_per_row_max`: blocks a (layer, head, query block) row keeps.
+        - under a coverage budget, `coverage_mean` (estimated, over rows), `coverage_min` and
+          `rows_short_of_coverage`: the share of rows whose candidates ran out before p.
+        - `trace_bytes`: bytes of the index, mass (and coverage) tensors (4 + 4 per entry, padding included);
           `dense_pattern_bytes`: L * H * T^2 * 2 (full fp16 attention patterns);
           `dense_to_trace_ratio`: dense_pattern_bytes / trace_bytes.
         """
@@ -198,7 +232,14 @@ class Trace:
             selected_pairs += int(layer_pairs[~forced_here].sum())
         triangle = layers * heads * tokens * (tokens + 1) // 2
         dense = layers * heads * tokens * tokens
-        trace_bytes = sum(x.numel() * x.element_size() for x in self._indices + self._mass)
+        trace_bytes = sum(x.numel() * x.element_size() for x in self._indices + self._mass + (self._coverage or []))
+        counts = torch.stack([self.kept_counts(layer) for layer in range(layers)]).float()
+        budget = {}
+        if self._coverage is not None:
+            estimated = torch.stack(self._coverage)
+            budget = {"coverage": self._config.coverage, "coverage_mean": float(estimated.mean()),
+                      "coverage_min": float(estimated.min()),
+                      "rows_short_of_coverage": float((estimated < self._config.coverage - 1e-6).float().mean())}
         return {
             "tokens": tokens, "layers": layers, "heads": heads,
             "block_q": self._config.block_q, "block_k": self._config.block_k, "k": self._config.k,
@@ -207,6 +248,8 @@ class Trace:
             "sparsity_selected_only": 1 - selected_pairs / triangle,
             "block_sparsity": 1 - kept / (layers * heads * self.num_query_blocks * self.num_key_blocks),
             "compression": dense / kept if kept else float("inf"),
+            "kept_per_row_mean": float(counts.mean()), "kept_per_row_max": int(counts.max()),
+            **budget,
             "trace_bytes": trace_bytes,
             "dense_pattern_bytes": dense * 2,
             "dense_to_trace_ratio": dense * 2 / trace_bytes,
@@ -218,8 +261,6 @@ class Trace:
         Raises `InputError` when the folder does not exist or the file cannot be written.
         Returns the path written.
         """
-        from . import __version__  # here, not at import time: the package imports this module
-
         path = Path(path)
         if not path.parent.is_dir():
             raise InputError(f"cannot save the trace to {path}: the folder {path.parent} does not exist; "
@@ -228,6 +269,8 @@ class Trace:
         for layer in range(self.num_layers):
             tensors[f"layers.{layer}.indices"] = self._indices[layer]
             tensors[f"layers.{layer}.mass"] = self._mass[layer]
+            if self._coverage is not None:
+                tensors[f"layers.{layer}.coverage"] = self._coverage[layer]
         if self._logits is not None:
             tensors["next_token_logits"] = self._logits
         metadata = {
@@ -236,7 +279,7 @@ class Trace:
             "config": json.dumps(self._config.to_dict()),
             "model": json.dumps(self._model_info),
             "extra": json.dumps(self._extra),
-            "created_with": f"sparsetrace {__version__}",
+            "created_with": f"sparsetrace {VERSION}",
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "sha256": _checksum(tensors),
         }
@@ -304,15 +347,16 @@ def _load(path: Path) -> Trace:
         raise TraceFileError(f"{path}: has no checksum (metadata key 'sha256'); {_FIX}")
     if metadata["sha256"] != _checksum(tensors):
         raise TraceFileError(f"{path}: checksum mismatch, the tensor data is damaged; {_FIX}")
-    num_layers = _check_tensor_names(path, set(tensors))
+    num_layers, has_coverage = _check_tensor_names(path, set(tensors))
     return Trace(
         token_ids=tensors["token_ids"],
-        config=StreamConfig.from_dict({"search": "hierarchical"} | _json_field(metadata, "config")),
+        config=StreamConfig.from_dict(PRE_SEARCH_CONFIG | _json_field(metadata, "config")),
         indices=[tensors[f"layers.{layer}.indices"] for layer in range(num_layers)],
         mass=[tensors[f"layers.{layer}.mass"] for layer in range(num_layers)],
         model_info=_json_field(metadata, "model"),
         next_token_logits=tensors.get("next_token_logits"),
         extra=_json_field(metadata, "extra"),
+        coverage=[tensors[f"layers.{layer}.coverage"] for layer in range(num_layers)] if has_coverage else None,
     )
 
 
@@ -324,24 +368,25 @@ def _check_format(path: Path, metadata: dict[str, str]) -> None:
                              f"{FORMAT!r}); give a file written by `sparsetrace trace` or Trace.save")
     version = metadata.get("format_version")
     if version not in READABLE_VERSIONS:
-        from . import __version__
-
         raise TraceFileError(f"{path}: trace format version {version!r} is unknown to sparsetrace "
-                             f"{__version__}, which reads version {', '.join(READABLE_VERSIONS)}; a newer "
+                             f"{VERSION}, which reads version {', '.join(READABLE_VERSIONS)}; a newer "
                              f"sparsetrace may be needed (pip install -U sparsetrace), or {_FIX}")
 
 
-def _check_tensor_names(path: Path, names: set[str]) -> int:
-    """The number of layers, after checking the file has exactly the tensors a trace has."""
+def _check_tensor_names(path: Path, names: set[str]) -> tuple[int, bool]:
+    """The number of layers and whether they have coverage tensors, after checking the file has
+    exactly the tensors a trace has."""
     layers = sorted({int(m.group(1)) for name in names if (m := _LAYER_TENSOR.fullmatch(name))})
     if not layers or layers != list(range(len(layers))):
         raise TraceFileError(f"{path}: layer tensors are numbered {layers[:8]}, expected 0, 1, ...; {_FIX}")
-    expected = {"token_ids"} | {f"layers.{layer}.{kind}" for layer in layers for kind in ("indices", "mass")}
+    has_coverage = "layers.0.coverage" in names
+    kinds = ("indices", "mass", "coverage") if has_coverage else ("indices", "mass")
+    expected = {"token_ids"} | {f"layers.{layer}.{kind}" for layer in layers for kind in kinds}
     missing, unexpected = sorted(expected - names), sorted(names - expected - {"next_token_logits"})
     if missing or unexpected:
         raise TraceFileError(f"{path}: missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}; "
                              f"{_FIX}")
-    return len(layers)
+    return len(layers), has_coverage
 
 
 def _json_field(metadata: dict[str, str], key: str) -> dict[str, Any]:
@@ -387,6 +432,22 @@ def _validate(
                                    and logits.dim() == 1 and logits.numel() > 0 and not logits.isnan().any()):
         raise InvalidTraceError(f"next_token_logits must be a float tensor [vocab] without NaN, "
                                 f"got {_describe(logits)}")
+
+
+def _check_coverage(config: StreamConfig, coverage: Any, shapes: list[tuple[int, int]]) -> None:
+    """Coverage tensors: present exactly under a coverage budget, float32 [H, n_q] per layer, in [0, 1]."""
+    if config.coverage is None:
+        if coverage is not None:
+            raise InvalidTraceError("coverage tensors belong to a coverage budget, but the config has coverage=None")
+        return
+    if not (isinstance(coverage, list | tuple) and len(coverage) == len(shapes)):
+        raise InvalidTraceError(f"a coverage budget (coverage={config.coverage}) needs one coverage tensor per layer")
+    for layer, (c, shape) in enumerate(zip(coverage, shapes, strict=True)):
+        if not (isinstance(c, Tensor) and c.dtype == torch.float32 and tuple(c.shape) == shape):
+            raise InvalidTraceError(f"layer {layer} coverage must be float32 [H, n_q] = {list(shape)}, "
+                                    f"got {_describe(c)}")
+        if not bool(((c >= 0) & (c <= 1 + MASS_TOLERANCE)).all()):
+            raise InvalidTraceError(f"layer {layer} coverage must lie in [0, 1] (a share of attention)")
 
 
 def _check_layer(layer: int, indices: Tensor, mass: Tensor, last: Tensor) -> None:

@@ -22,7 +22,7 @@ from .backend import LayerCallback, LayerRecord, ProbabilityCallback, sparse_att
 from .blocks import num_blocks
 from .config import StreamConfig
 from .errors import InputError, MemoryRequestError, UnsupportedModelError
-from .models import describe_model, execution_devices, input_device
+from .models import describe_model, execution_devices, forward_logits, forward_sizes
 from .selection import kept_width
 from .trace import Trace
 
@@ -126,23 +126,24 @@ def run_trace(
     num_layers = info["num_layers"]
     indices: list[Tensor | None] = [None] * num_layers
     masses: list[Tensor | None] = [None] * num_layers
+    coverage: list[Tensor | None] = [None] * num_layers
     show = len(ids) >= PROGRESS_MIN_TOKENS if progress is None else progress
     bar = tqdm(total=num_layers, desc=f"tracing {len(ids):,} tokens ({forward})", unit="layer", disable=not show)
 
     def record(layer: LayerRecord) -> None:
         indices[layer.layer] = layer.selection.indices[0].to("cpu", torch.int32)
         masses[layer.layer] = layer.mass[0].to("cpu", torch.float32)
+        if layer.selection.coverage is not None:
+            coverage[layer.layer] = layer.selection.coverage[0].to("cpu", torch.float32)
         if on_layer is not None:
             on_layer(layer)
         bar.update(1)
 
-    device = input_device(model)  # not the weight's device: "meta" when accelerate offloads it
     started = time.perf_counter()
     switched = sparse_attention(model, config, record, forward=forward, on_probabilities=on_probabilities,
                                 kernel=kernel)
-    with bar, switched, torch.inference_mode():
-        output = model(input_ids=ids[None].to(device), use_cache=cache is not None, logits_to_keep=logits_to_keep,
-                       **(cache or {}))
+    with bar, switched:
+        logits = forward_logits(model, ids, keep=logits_to_keep, cache=cache).float().cpu()
     seconds = time.perf_counter() - started
     missing = [layer for layer, x in enumerate(indices) if x is None]
     if missing:
@@ -150,7 +151,6 @@ def run_trace(
             f"{type(model).__name__}: attention layers {missing} never called the sparse attention, "
             "so the model is not fully traced; this architecture is not supported"
         )
-    logits = output.logits[0].float().cpu()
     result = Trace(
         token_ids=ids,
         config=config,
@@ -159,6 +159,7 @@ def run_trace(
         model_info=info | {"tokenizer": getattr(tokenizer, "name_or_path", None)},
         next_token_logits=logits[-1],
         extra={"forward": forward, "seconds": round(seconds, 3)},
+        coverage=coverage if config.coverage is not None else None,
     )
     return result, logits
 
@@ -209,11 +210,10 @@ def estimate_memory(model, tokens: int, config: StreamConfig, forward: str = "sp
     """
     info = describe_model(model)
     heads = info["num_heads"]
-    hidden = model.config.get_text_config().hidden_size
-    intermediate = getattr(model.config.get_text_config(), "intermediate_size", 4 * hidden)
-    element = max(torch.finfo(p.dtype).bits // 8 for p in model.parameters() if p.is_floating_point())
-    per_token = 8 * hidden + 4 * intermediate + 4 * (heads + 2 * info["num_kv_heads"]) * info["head_dim"]
-    activations = tokens * per_token * element
+    sizes = forward_sizes(model)
+    qkv = 4 * (heads + 2 * info["num_kv_heads"]) * info["head_dim"]
+    per_token = 8 * sizes["hidden"] + 4 * sizes["intermediate"] + qkv
+    activations = tokens * per_token * sizes["element_bytes"]
     n_q = num_blocks(tokens, config.block_q)
     stored = info["num_layers"] * heads * n_q * kept_width(tokens, config) * 8
     if forward == "dense":

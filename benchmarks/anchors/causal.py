@@ -3,8 +3,9 @@
 On the chain of thought of the anchors benchmark (../texts/cot.txt, written by the default model,
 SmolLM2-135M-Instruct; sentence units of the assistant turns) cut to the first N tokens:
 
-1. receiver-head scores: `sparsetrace.anchors` at k = 8 (b = 64, the halving search as run.py),
-   and the dense ones (the same pipeline with k covering every key block, its own receiver heads);
+1. receiver-head scores: `sparsetrace.anchors` at k = 8 (b = 64, the halving search as run.py; its
+   defaults, the thought-anchors definitions: `key_average="mean"`, layer 0 included), and the dense
+   ones (the same pipeline with k covering every key block, its own receiver heads);
 2. attention suppression (`sparsetrace.tasks.suppression.suppression_matrix`), one pass per
    sentence, on the sparse forward (the same k = 8 config) and on the dense forward;
 3. Spearman correlations: causal scores vs receiver-head scores (sparse-sparse, dense-dense and
@@ -62,7 +63,7 @@ def measure(tokens: int) -> dict:
     t = result.texts[0]
     units = t.units
     receiver_sparse = t.scores
-    dense_heads = receiver_heads([t.dense_kurtosis], 20, True)
+    dense_heads = receiver_heads([t.dense_kurtosis], 20, result.settings["exclude_layer0"])
     receiver_dense = unit_scores(t.dense_vertical, dense_heads)
 
     runs = {}
@@ -93,6 +94,7 @@ def measure(tokens: int) -> dict:
     order = np.argsort(-np.nan_to_num(d.scores, nan=-np.inf))[:5]
     return {
         "tokens": len(ids), "sentences": len(units), "k": K, "block": BLOCK, "search": SEARCH,
+        "key_average": result.settings["key_average"], "exclude_layer0": result.settings["exclude_layer0"],
         "receiver_heads_k8": [list(h) for h in result.receiver_heads], "receiver_heads_dense": dense_heads,
         "receiver_heads_shared": len(set(result.receiver_heads) & set(dense_heads)),
         "anchors_seconds_both_traces": round(anchors_seconds, 1),

@@ -2,8 +2,9 @@
 
 On chains of thought written by the default model itself (../texts/cot.txt, 4,349 tokens, made by
 ../texts/make_cot.py through `sparsetrace.generation`; and its first 2,048 tokens) the sentence
-pipeline (`sparsetrace.anchors`, defaults: proximity 4, top 20 receiver heads, layer 0 excluded)
-runs once per cell:
+pipeline (`sparsetrace.anchors` with its defaults, the thought-anchors definitions: A[i, j] the mean
+over the sentence i x sentence j block (`key_average="mean"`), proximity 4, top 20 receiver heads,
+layer 0 included) runs once per cell:
 
 - dense: k covering every key block (the sparse forward is then exact dense attention);
 - sparse: b = 64 with k = 2, 4, 8, 16, and the paper's b = 32, k = 4.
@@ -56,6 +57,7 @@ def run_cell(text_name: str, cell: str, block: int, k: int | None, out: Path) ->
     out.write_text(json.dumps({
         "text": text_name, "cell": cell, "block": block, "k": config.k, "tokens": t.trace.num_tokens,
         "units": len(t.units), "seconds": round(seconds, 1), "fidelity": t.fidelity,
+        "key_average": result.settings["key_average"], "exclude_layer0": result.settings["exclude_layer0"],
         "receiver_heads": result.receiver_heads, "scores": [u.score for u in t.units],
         "vertical": np.round(t.vertical, 7).tolist(),
         "categories": [u.category for u in t.units],
@@ -81,7 +83,7 @@ def summarise(cells: dict) -> list[dict]:
             f = c["fidelity"]
             rows.append({
                 "text": text_name, "cell": cell, "block": c["block"], "k": c["k"], "tokens": c["tokens"],
-                "units": c["units"],
+                "units": c["units"], "key_average": c["key_average"], "exclude_layer0": c["exclude_layer0"],
                 "spearman_vs_dense": spearman(scores, dense_scores),
                 "spearman_vs_dense_same_heads": spearman(unit_scores(vertical, dense_heads), dense_scores),
                 "receivers_shared_with_dense": len({tuple(x) for x in c["receiver_heads"]} & set(dense_heads)),

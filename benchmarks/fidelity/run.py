@@ -57,7 +57,7 @@ def token_ids(tokenizer, text: str, length: int, context: int, default_model: bo
     The committed needle prompts are the default model's (chat template); another model gets
     `niah_prompt` without chat template, needle at depth 0.5."""
     if text == "needle" and not default_model:
-        return niah_prompt(tokenizer, length, 0.5, chat_template=False).token_ids
+        return niah_prompt(tokenizer, length, 0.5, chat_template=False, form="legacy").token_ids
     if text == "needle":
         path = TEXTS / f"needle_{length}.txt"
         return tokenizer(path.read_text(), return_tensors="pt")["input_ids"][0] if path.exists() else None

@@ -81,7 +81,7 @@ def input_text(command: str, tokens: int, tokenizer) -> str:
     from sparsetrace import niah_prompt
 
     if command != "anchors":
-        return niah_prompt(tokenizer, prompt_tokens(command, tokens), 0.5, chat_template=False).text
+        return niah_prompt(tokenizer, prompt_tokens(command, tokens), 0.5, chat_template=False, form="legacy").text
     essay = resources.files("sparsetrace").joinpath("data/sample.txt").read_text()
     ids = tokenizer(essay, add_special_tokens=False)["input_ids"]
     return tokenizer.decode((ids * (tokens // len(ids) + 1))[: tokens - 1])

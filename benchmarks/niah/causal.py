@@ -107,7 +107,7 @@ def main() -> None:
         if path.exists():
             done[length, depth] = json.loads(path.read_text())
             continue
-        prompt = niah_prompt(tokenizer, length, depth, seed=0)
+        prompt = niah_prompt(tokenizer, length, depth, seed=0, form="legacy")
         k = min_k.get((length, depth), "auto")
         run = run_niah(model, tokenizer, prompt, config, k=k, progress=False)
         if not run.answer_kept and k != "auto":

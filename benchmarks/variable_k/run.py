@@ -43,7 +43,7 @@ K_VALUES = [4, 8]
 
 
 def measure_prompt(model, tokenizer, length: int, depth: float, seed: int) -> dict:
-    prompt = niah_prompt(tokenizer, length, depth, seed=seed)
+    prompt = niah_prompt(tokenizer, length, depth, seed=seed, form="legacy")
     answer = dense_answer(model, tokenizer, prompt)
     extended = torch.cat([prompt.token_ids, answer.tokens[:-1]])
     cell = {"length": length, "tokens": prompt.num_tokens, "depth": depth, "seed": seed, "answer": prompt.answer,

@@ -1,17 +1,24 @@
 """Thought anchors (Bogdan et al. 2025): unit attention, vertical scores, receiver heads.
 
+The defaults follow their code (github interp-reasoning/thought-anchors, `attn_funcs.py` and
+`receiver_head_funcs.py`); where we differ it is said below, and `segments` says how our units and
+token spans differ from theirs.
+
 **Unit attention** A[l, h] [U, U], accumulated *during* the sparse forward pass by `UnitAttention`
 (a probability reducer the tracer calls for every query chunk, so no T x T tensor and no second
 pass): with p(t, s) the probability query token t gives key token s in layer l, head h (the
 sparse model's own softmax, renormalised over the kept blocks),
 
-    A[i, j] = (1 / |i|) * sum over t in unit i, s in unit j of p(t, s)
+    A[i, j] = (1 / (|i| |j|)) * sum over t in unit i, s in unit j of p(t, s)
 
-i.e. for each query token of unit i the probability it puts on the tokens of unit j, averaged over
-the tokens of unit i (`key_average="sum"`, the default). `key_average="mean"` divides further by
-|j|, the per-token mean that the thought-anchors code averages (np.mean over the region). Tokens
-in no unit are skipped as queries and as keys. With k covering every key block the sparse forward
-is the dense one and A equals dense attention averaged the same way. Memory O(L x H x U^2).
+the mean over the whole unit i x unit j block of the attention matrix, future (zero) entries
+included: their `_compute_averaged_matrix` (`key_average="mean"`, the default).
+`key_average="sum"` leaves out the 1 / |j|: the total probability unit i's tokens put on unit j.
+Use it to ask which units receive the most attention in total when their lengths differ widely
+(paragraphs, blocks): a long unit collects more, where the per-token mean lifts short ones. It is
+not the paper's measure. Tokens in no unit are skipped as queries and as keys. With k covering
+every key block the sparse forward is the dense one and A equals dense attention averaged the same
+way. Memory O(L x H x U^2).
 
 **Vertical score** of unit j in one head: the mean of column j over rows i >= j + proximity
 (default 4, their receiver-head pipeline); NaN for the last `proximity` units. With
@@ -19,8 +26,12 @@ is the dense one and A equals dense attention averaged the same way. Memory O(L 
 themselves divided by their count (their depth control).
 
 **Receiver heads**: the `top` (default 20) heads with the largest Fisher kurtosis (scipy,
-bias=True, NaNs omitted) of their vertical scores, the kurtosis averaged over traces; layer 0 is
-left out by default (as they do). A unit's **score** is its mean vertical score over them.
+bias=True, NaNs omitted) of their vertical scores, the kurtosis averaged over traces. Layer 0 is
+included by default, as in their `get_top_k_receiver_heads`, which picks the heads that score the
+sentences (only their reliability script, `eval_receiver_head_reliability.py`, drops it);
+`exclude_layer0=True` drops it. Where a head's kurtosis is undefined in some traces (constant
+scores) we average the others; their `np.mean` would drop the head. A unit's **score** is its mean
+vertical score over the receiver heads.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ from ..errors import InputError
 
 DEFAULT_PROXIMITY = 4
 DEFAULT_TOP_HEADS = 20
-KEY_AVERAGES = ("sum", "mean")
+KEY_AVERAGES = ("mean", "sum")
 
 
 class UnitAttention:
@@ -83,11 +94,11 @@ class UnitAttention:
         target = (groups % size)[None, :, None] * size + key_unit[:, groups // size]
         self.sums[layer].scatter_add_(1, target.reshape(heads, -1), summed.reshape(heads, -1))
 
-    def matrix(self, key_average: str = "sum") -> np.ndarray:
+    def matrix(self, key_average: str = "mean") -> np.ndarray:
         """float32 [L, H, U, U]: A as defined in the module docstring."""
         if key_average not in KEY_AVERAGES:
-            raise InputError(f"key_average={key_average!r}; use 'sum' (probability mass on unit j) or 'mean' "
-                             "(per key token, as the thought-anchors code)")
+            raise InputError(f"key_average={key_average!r}; use 'mean' (per key token, as the thought-anchors "
+                             "code) or 'sum' (total probability on unit j)")
         u = self.num_units
         total = self.sums.double().view(*self.sums.shape[:2], u + 1, u + 1)[:, :, :u, :u]
         count = self.tokens_per_unit.clamp(min=1)
@@ -121,7 +132,7 @@ def head_kurtosis(vertical: np.ndarray) -> np.ndarray:
 
 
 def receiver_heads(kurtosis: np.ndarray | list[np.ndarray], top: int = DEFAULT_TOP_HEADS,
-                   exclude_layer0: bool = True) -> list[tuple[int, int]]:
+                   exclude_layer0: bool = False) -> list[tuple[int, int]]:
     """The `top` (layer, head) pairs of largest kurtosis, averaged over traces, largest first.
 
     Args:

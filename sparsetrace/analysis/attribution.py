@@ -22,7 +22,6 @@ functions of the mass and the sources' token counts, so a benchmark can try each
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from torch import Tensor
 
 from ..blocks import num_blocks
 from ..errors import InputError
+from ..text import anchored_token_spans, chars_of_tokens, token_anchors
 from .segments import paragraph_spans, sentence_spans
 
 SOURCE_KINDS = ("sentences", "paragraphs", "blocks")
@@ -75,35 +75,24 @@ def context_sources(
     if kind not in SOURCE_KINDS:
         raise InputError(f"sources={kind!r}; use one of {', '.join(SOURCE_KINDS)}")
     a, b = context_span
-    anchors = [next((c for c in range(s, e) if not prompt[c].isspace()), None) for s, e in offsets]
     if kind == "blocks":
-        return _block_sources(prompt, offsets, anchors, context_span, block_k)
+        return _block_sources(prompt, offsets, context_span, block_k)
     spans = (sentence_spans if kind == "sentences" else paragraph_spans)(prompt, a, b)
-    starts = [s for s, _ in spans]
-    first: list[int | None] = [None] * len(spans)
-    last: list[int | None] = [None] * len(spans)
-    for t, anchor in enumerate(anchors):
-        if anchor is None:
-            continue
-        j = bisect.bisect_right(starts, anchor) - 1
-        if j >= 0 and anchor < spans[j][1]:
-            first[j] = t if first[j] is None else first[j]
-            last[j] = t
-    return [Source(prompt[s:e], s - a, e - a, (t0, t1 + 1))
-            for (s, e), t0, t1 in zip(spans, first, last, strict=True) if t0 is not None]
+    return [Source(prompt[s:e], s - a, e - a, tokens)
+            for (s, e), tokens in zip(spans, anchored_token_spans(prompt, offsets, spans), strict=True) if tokens]
 
 
-def _block_sources(prompt, offsets, anchors, context_span, block_k) -> list[Source]:
+def _block_sources(prompt, offsets, context_span, block_k) -> list[Source]:
     a, b = context_span
-    inside = [t for t, anchor in enumerate(anchors) if anchor is not None and a <= anchor < b]
+    inside = [t for t, anchor in enumerate(token_anchors(prompt, offsets)) if anchor is not None and a <= anchor < b]
     if not inside:
         return []
     first, last = inside[0], inside[-1] + 1
     sources = []
     for block in range(first // block_k, (last - 1) // block_k + 1):
         t0, t1 = max(block * block_k, first), min((block + 1) * block_k, last)
-        chars = [c for t in range(t0, t1) for c in offsets[t] if offsets[t][1] > offsets[t][0]]
-        s, e = (max(min(chars), a), min(max(chars), b)) if chars else (a, a)
+        s, e = chars_of_tokens(offsets, t0, t1) or (a, a)
+        s, e = max(s, a), min(e, b)
         sources.append(Source(prompt[s:e], s - a, e - a, (t0, t1)))
     return sources
 

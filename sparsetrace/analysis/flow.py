@@ -20,6 +20,7 @@ from typing import Any
 import networkx as nx
 
 from ..errors import InputError
+from ..text import shorten
 from ..trace import Trace
 from .routes import DEFAULT_THRESHOLD, Route, blocks_of, flow_graph, route
 from .spans import Span, TraceText, parse_span
@@ -145,11 +146,11 @@ def save_flow(result: Flow, folder: str | Path, *, title: str = "", max_labels: 
     folder = Path(folder)
     on_route = [b for u, v, _ in result.route.attention_edges() for b in (v[1], u[1])]
     labelled = list(dict.fromkeys([*result.route.sources, *result.route.targets, *on_route]))[:max_labels]
-    labels = {b: _short(result.block_text.get(b, "")) for b in labelled}
+    labels = {b: shorten(result.block_text.get(b, ""), 24) for b in labelled}
     graph = result.route.graph.graph
     status = "connected" if result.route.connected else "not connected"
-    title = title or (f"Flow from {_short(result.source.text or result.source.spec, 40)!r} ("
-                      f"{_blocks(result.route.sources)}) to {_short(result.target.text or result.target.spec, 40)!r} "
+    title = title or (f"Flow from {shorten(result.source.text or result.source.spec, 40)!r} ("
+                      f"{_blocks(result.route.sources)}) to {shorten(result.target.text or result.target.spec, 40)!r} "
                       f"({_blocks(result.route.targets)}): {status}\n{len(result.route.attention_edges())} "
                       f"attention edges carry >= {result.min_flow} of the source")
     figure = route_figure(result.route, graph["layers"], graph["blocks"], labels, title=title,
@@ -165,11 +166,6 @@ def save_flow(result: Flow, folder: str | Path, *, title: str = "", max_labels: 
 def _xml(text: str) -> str:
     """Drop the characters XML 1.0 cannot hold (control characters, lone surrogates)."""
     return _NOT_XML.sub("", text)
-
-
-def _short(text: str, width: int = 24) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _blocks(blocks: list[int]) -> str:

@@ -1,11 +1,20 @@
 """Units of a reasoning text (sentences, paragraphs or key blocks) with exact char -> token spans.
 
-Sentences are split the way the thought-anchors work does (Bogdan et al. 2025, their
-`split_solution_into_chunks`): a chunk ends at a blank line or at `.`, `?` or `!` followed by
-whitespace; chunks are stripped; a chunk under 10 characters is merged into the next one (the
-last into the previous one). Two deliberate differences, both so that no text is silently lost:
-the trailing chunk without final punctuation is kept (as in the version that produced their
-released data), and any whitespace (not only space and newline) ends a sentence.
+Sentences are split the way the thought-anchors code does (Bogdan et al. 2025, `utils.py`:
+`split_solution_into_chunks`, mapped back to the text by `split_solution_keep_spacing`): a chunk
+ends at a blank line or at `.`, `?` or `!` followed by whitespace; chunks are stripped; a chunk
+under 10 characters is merged into the next one (the last into the previous one), a merged chunk
+being measured as they build it, its pieces joined by one space ("Ok.\\n\\nWait!" counts 9 and is
+merged again). A unit's span is the merged chunk's char span in the text, whitespace inside kept.
+
+Differences from their code, so that no text is silently lost:
+
+- **The final sentence is kept; theirs always drops it.** Their splitter strips the text, so the
+  last `.` is never followed by whitespace and the text after the last boundary is never
+  appended. Our sentences are theirs plus that final one (merged into the one before when it is
+  under 10 characters). It is the unit where a chain of thought states its answer.
+- Any whitespace after `.`, `?` or `!` ends a sentence (theirs: a space or a newline), and a blank
+  line may hold spaces or tabs (theirs: `\\n\\n` exactly).
 
 Which part of a text is split (`region`):
 
@@ -22,11 +31,17 @@ makes): a token belongs to the unit holding its first non-whitespace character; 
 span runs from its first to its last such token (whitespace tokens inside it included). Tokens
 in no unit (the prompt, markup, whitespace between units) get unit -1. A unit that receives no
 token (all its characters inside a token anchored in the previous unit) is dropped.
+
+Their token spans differ, and a user comparing numbers will meet it: their
+`get_sentence_token_boundaries` takes `len(tokenizer.encode(text[:char]))` at each sentence's start
+and end. The text before a sentence ends in the space that, in the whole text, is part of the
+sentence's first token (" The"); encoded alone the space is a token of its own, so their span starts
+one token late and that first token belongs to no sentence. This shifts most sentences (those after
+a space) by one token; ours, from the offsets of the tokens the model reads, are exact.
 """
 
 from __future__ import annotations
 
-import bisect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..text import anchored_token_spans, chars_of_tokens, token_offsets
 
 UNIT_KINDS = ("sentences", "paragraphs", "blocks")
 REGIONS = ("auto", "think", "assistant", "all")
@@ -130,23 +146,34 @@ def sentence_spans(text: str, start: int = 0, end: int | None = None) -> list[tu
     span = _strip(text, chunk_start, end)
     if span:
         chunks.append(span)
-    return _merge_short(chunks)
+    if not chunks:
+        return []
+    merged, (a, b) = _merge_short(chunks[:-1]), chunks[-1]  # theirs, then the final sentence they drop
+    if merged and b - a < MIN_CHUNK_CHARS:
+        merged[-1] = (merged[-1][0], b)
+    else:
+        merged.append((a, b))
+    return merged
 
 
 def _merge_short(chunks: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged = list(chunks)
+    """Their merge: a chunk under 10 characters joins the next (the last joins the previous), and a
+    merged chunk is measured as they build it, its stripped pieces joined by one space."""
+    merged = [(a, b, b - a) for a, b in chunks]  # (start, end, length as they measure it)
     i = 0
     while i < len(merged):
-        a, b = merged[i]
-        if b - a >= MIN_CHUNK_CHARS or len(merged) == 1:
+        a, b, length = merged[i]
+        if length >= MIN_CHUNK_CHARS or len(merged) == 1:
             i += 1
         elif i == len(merged) - 1:
-            merged[i - 1] = (merged[i - 1][0], b)
+            start, _, before = merged[i - 1]
+            merged[i - 1] = (start, b, before + 1 + length)
             merged.pop(i)
         else:
-            merged[i + 1] = (a, merged[i + 1][1])
+            _, end, after = merged[i + 1]
+            merged[i + 1] = (a, end, length + 1 + after)
             merged.pop(i)
-    return merged
+    return [(a, b) for a, b, _ in merged]
 
 
 def paragraph_spans(text: str, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
@@ -158,15 +185,6 @@ def paragraph_spans(text: str, start: int = 0, end: int | None = None) -> list[t
         position = match.end()
     spans.append(_strip(text, position, end))
     return [s for s in spans if s]
-
-
-def token_offsets(tokenizer, text: str) -> tuple[Tensor, list[tuple[int, int]]]:
-    """Token ids int64 [T] of `text` (as `trace` tokenizes it) and each token's char span."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise InputError("units need a fast tokenizer (with offset mapping); load the model's tokenizer with "
-                         "use_fast=True")
-    encoded = tokenizer(text, return_offsets_mapping=True)
-    return torch.tensor(encoded["input_ids"], dtype=torch.long), [tuple(x) for x in encoded["offset_mapping"]]
 
 
 def split_units(
@@ -193,19 +211,10 @@ def split_units(
         return _block_units(text, ids, offsets, regions, block_size), ids
     split = sentence_spans if kind == "sentences" else paragraph_spans
     spans = [span for a, b in _plain_pieces(text, regions) for span in split(text, a, b)]
-    starts = [a for a, _ in spans]
-    token_of_unit: list[list[int]] = [[] for _ in spans]
-    for t, (a, b) in enumerate(offsets):
-        anchor = next((c for c in range(a, b) if not text[c].isspace()), None)
-        if anchor is None:
-            continue
-        u = bisect.bisect_right(starts, anchor) - 1
-        if u >= 0 and anchor < spans[u][1]:
-            token_of_unit[u].append(t)
     units = []
-    for (a, b), tokens in zip(spans, token_of_unit, strict=True):
+    for (a, b), tokens in zip(spans, anchored_token_spans(text, offsets, spans), strict=True):
         if tokens:
-            units.append(Unit(len(units), text[a:b], a, b, tokens[0], tokens[-1] + 1))
+            units.append(Unit(len(units), text[a:b], a, b, *tokens))
     if not units:
         raise InputError("no units found in the text's region; check the text (or use region 'all')")
     return units, ids
@@ -219,8 +228,7 @@ def _block_units(text, ids, offsets, regions, block_size) -> list[Unit]:
     units = []
     for start in range(first, last, block_size):
         end = min(start + block_size, last)
-        chars = [c for t in range(start, end) for c in offsets[t] if offsets[t][1] > offsets[t][0]]
-        a, b = (min(chars), max(chars)) if chars else (0, 0)
+        a, b = chars_of_tokens(offsets, start, end) or (0, 0)
         units.append(Unit(len(units), text[a:b], a, b, start, end))
     return units
 

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import InputError, SparsetraceError
+from ..text import recorded_tokenizer, shorten, token_offsets, tokens_of_chars
 from ..trace import Trace
 
 _RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
@@ -46,8 +47,7 @@ class TraceText:
 
     def tokens_of_chars(self, start: int, end: int) -> tuple[int, int]:
         """The tokens [a, b) whose characters overlap [start, end); empty when none do."""
-        hits = [t for t, (a, b) in enumerate(self.offsets) if a < end and b > start]
-        return (hits[0], hits[-1] + 1) if hits else (0, 0)
+        return tokens_of_chars(self.offsets, start, end)
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,7 @@ def resolve_tokenizer(trace: Trace, name: str | None = None):
     Raises `InputError` naming `--tokenizer` when it cannot be loaded."""
     from ..models import load_tokenizer
 
-    recorded = trace.model_info.get("tokenizer") or trace.model_info.get("name")
-    name = name or recorded
+    name = name or recorded_tokenizer(trace)
     if not name:
         raise InputError("the trace records no tokenizer; give one with --tokenizer (a hub id or model folder)")
     try:
@@ -93,9 +92,9 @@ def trace_text(trace: Trace, tokenizer) -> TraceText:
     ids = trace.token_ids.tolist()
     text = tokenizer.decode(ids)
     if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if encoded["input_ids"] == ids:
-            return TraceText(text, [tuple(x) for x in encoded["offset_mapping"]], True)
+        tokens, offsets = token_offsets(tokenizer, text, add_special_tokens=False)
+        if tokens.tolist() == ids:
+            return TraceText(text, offsets, True)
     pieces = tokenizer.batch_decode([[i] for i in ids])
     offsets, position = [], 0
     for piece in pieces:
@@ -141,7 +140,7 @@ def parse_span(spec: str | tuple[int, int], tokens: int, text: TraceText | None 
     _need_text(spec, text)
     found = text.text.find(needle)
     if not needle or found < 0:
-        shown = needle if len(needle) <= 60 else needle[:57] + "..."
+        shown = shorten(needle, 60, keep_whitespace=True)
         raise InputError(f"span {shown!r} does not occur in the text (case and spaces count); give "
                          "another string, or tokens:A-B / chars:A-B")
     a, b = text.tokens_of_chars(found, found + len(needle))

@@ -53,11 +53,11 @@ def register(sub) -> None:
 
 def run_ablate(args: argparse.Namespace) -> None:
     from ..ablation import response_logprobs
-    from ..analysis.segments import token_offsets
     from ..analysis.spans import TraceText, parse_span
     from ..fidelity import greedy_continuation
     from ..interventions import Intervention
     from ..models import describe_model, load_tokenizer
+    from ..text import token_offsets
     from ..tracer import prepare_input
 
     text = read_input(args.input, args.sample)
@@ -106,7 +106,7 @@ def run_ablate(args: argparse.Namespace) -> None:
         return
     print(f"prompt       {len(ids):,} tokens; response {tokenizer.decode(result.response_ids)!r} "
           f"({len(result.response_ids)} tokens), {args.forward} attention"
-          + (f", k = {config.k}" if args.forward == "sparse" else ""))
+          + (f", {config.budget_text()}" if args.forward == "sparse" else ""))
     print(f"unchanged    log p = {float(result.base.sum()):.3f}")
     for iv, row, drop in zip(result.interventions, result.logprobs, result.drop, strict=True):
         print(f"{iv.describe()}\n             log p = {float(row.sum()):.3f}   drop {float(drop):+.3f}")

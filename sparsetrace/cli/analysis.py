@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..errors import InputError
+from ..text import shorten
 from .common import output_folder, subcommand
 
 SALIENCE_EXAMPLES = """examples:
@@ -152,7 +153,4 @@ def _text(trace, name: str | None, *, required: bool):
 
 
 def _quote(text: str | None, width: int = 70) -> str:
-    if text is None:
-        return ""
-    text = " ".join(text.split())
-    return repr(text if len(text) <= width else text[: width - 1] + "…")
+    return "" if text is None else repr(shorten(text, width))

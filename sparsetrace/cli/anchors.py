@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..errors import InputError
+from ..text import shorten
 from .common import add_run_arguments, input_options, load, output_folder, read_input, stream_config, subcommand
 
 EXAMPLES = """examples:
@@ -39,10 +40,13 @@ def register(sub) -> None:
     units.add_argument("--proximity", type=int, default=4, help="rows i >= j + N count for unit j (default 4)")
     units.add_argument("--control-depth", action="store_true", help="rank-normalise each row first (depth control)")
     units.add_argument("--top-heads", type=int, default=20, help="number of receiver heads (default 20)")
-    units.add_argument("--include-layer-0", action="store_true", help="let layer 0 heads be receiver heads")
-    units.add_argument("--key-average", default="sum", choices=["sum", "mean"],
-                       help="A[i, j] sums the probability over unit j's tokens (sum, default) or averages it "
-                       "(mean, as the thought-anchors code)")
+    units.add_argument("--exclude-layer-0", action="store_true",
+                       help="never pick layer 0 heads as receiver heads (default: they may be, as in the "
+                       "thought-anchors code that scores sentences)")
+    units.add_argument("--key-average", default="mean", choices=["mean", "sum"],
+                       help="A[i, j] averages the probability over the unit i x unit j block (mean, default: the "
+                       "thought-anchors definition) or sums it over unit j's tokens (sum: the total attention a "
+                       "unit receives, for units of very different lengths; not the paper's measure)")
     units.add_argument("--labels", nargs="+", default=None, metavar="FILE",
                        help="JSON category labels, one file per INPUT (default: the rule-based tagger)")
     units.add_argument("--layer", type=int, default=None,
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
     options = input_options(args)
     result = anchors(model, tokenizer, texts, config, units=args.units, regions=regions, names=names,
                      labels=args.labels, proximity=args.proximity, control_depth=args.control_depth,
-                     top_heads=args.top_heads, exclude_layer0=not args.include_layer_0, key_average=args.key_average,
+                     top_heads=args.top_heads, exclude_layer0=args.exclude_layer_0, key_average=args.key_average,
                      dense_check=args.dense_check, dense_max_tokens=args.dense_max_tokens,
                      causal=args.causal_forward if args.causal else None, **options)
     paths = save_anchors(result, folder, layer=args.layer)
@@ -128,7 +132,7 @@ def format_result(result, paths: dict[str, str]) -> str:
             f"{t.name}: {f['tokens']:,} tokens, {len(t.units)} units; pruned {f['sparsity']:.1%} of token "
             f"interactions, compression {f['compression']:,.0f}x, trace {f['dense_to_trace_ratio']:,.0f}x smaller "
             f"than dense patterns; final answer {answer} by the sparse model",
-            *[f"  anchor     {u.score:.4f}  [{u.category}] {_short(u.text)}" for u in ranked],
+            *[f"  anchor     {u.score:.4f}  [{u.category}] {shorten(u.text, 70)}" for u in ranked],
             f"  categories {t.categories_source}",
         ]
     if result.dense:
@@ -147,7 +151,7 @@ def format_result(result, paths: dict[str, str]) -> str:
                      f"{'n/a' if rho is None else f'{rho:.3f}'} over the units with both")
         ranked = [i for i in np.argsort(-np.nan_to_num(t.suppression.scores, nan=-np.inf))[:3]
                   if np.isfinite(t.suppression.scores[i])]
-        lines += [f"  causal     {t.suppression.scores[i]:.4g}  [{t.units[i].category}] {_short(t.units[i].text)}"
+        lines += [f"  causal     {t.suppression.scores[i]:.4g}  [{t.units[i].category}] {shorten(t.units[i].text, 70)}"
                   for i in ranked]
     lines.append(f"wrote        {paths['json']}, figures and traces in the same folder")
     return "\n".join(lines)
@@ -157,8 +161,3 @@ def _causal_summary(t) -> dict:
     c = t.causal
     return {key: c[key] for key in ("forward", "seconds", "seconds_per_unit", "spearman_vs_receiver_scores",
                                     "spearman_log_scores_vs_receiver_scores")}
-
-
-def _short(text: str, width: int = 70) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
+from ..text import shorten
 from .common import add_run_arguments, load, output_folder, progress, read_input, stream_config, subcommand
 
 EXAMPLES = """examples:
@@ -76,15 +77,10 @@ def format_result(result, paths: dict[str, str], top: int) -> str:
         f"prompt       {len(result.prompt_ids):,} tokens; context {len(result.context):,} chars, "
         f"{len(result.sources)} {result.config['sources']} over {context_tokens:,} tokens",
         f"response     {len(result.response_ids)} tokens ({'greedy answer' if result.config['generated'] else 'given'})"
-        f": {_short(result.response, 90)!r}",
+        f": {shorten(result.response, 90)!r}",
         f"top sources  ({result.method}: the response's attention on the source, over layers and heads)",
-        *[f"  {rank:>2}. {s.score:.4f}  {_short(s.text, 80)}" for rank, s in enumerate(result.top(top), 1)],
+        *[f"  {rank:>2}. {s.score:.4f}  {shorten(s.text, 80)}" for rank, s in enumerate(result.top(top), 1)],
         f"time         {result.seconds:.1f} s",
         f"wrote        {', '.join(paths.values())}",
     ]
     return "\n".join(lines)
-
-
-def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"

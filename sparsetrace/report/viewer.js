@@ -20,6 +20,15 @@
   const indexBytes = bytes(data.blocks.indices);
   const indices = data.blocks.index_type === "int32" ? new Int32Array(indexBytes.buffer) : new Int16Array(indexBytes.buffer);
   const mass = bytes(data.blocks.mass);
+  // a coverage budget's estimated share of each row's attention in its kept blocks, else null
+  const coverage = data.blocks.coverage ? bytes(data.blocks.coverage) : null;
+  const rowCoverage = (layer, head, i) => (coverage ? coverage[(layer * H + head) * NQ + i] / LEVELS : null);
+  function rowSummary(layer, head, i) {
+    const kept = row(layer, head, i);
+    const estimate = rowCoverage(layer, head, i);
+    return `keeps ${kept.length} block${kept.length === 1 ? "" : "s"}` +
+      (estimate === null ? "" : `, estimated coverage ${fmt(estimate, 3)} (target ${S.config.coverage})`);
+  }
 
   const state = { layer: 0, head: 0, row: null };
   const $ = (id) => document.getElementById(id);
@@ -127,7 +136,8 @@
     const kept = row(state.layer, state.head, i).find((b) => b.block === j);
     const what = j > lastKey(i) ? "in the future (masked)" : kept
       ? `kept (${kept.forced ? "sink/local" : "selected"}), mass ${fmt(kept.mass, 3)}` : "not kept";
-    let text = `query block ${i} (tokens ${q0}-${q1}) -> key block ${j} (tokens ${k0}-${k1}): ${what}`;
+    let text = `query block ${i} (tokens ${q0}-${q1}) -> key block ${j} (tokens ${k0}-${k1}): ${what}` +
+      `\nthis row ${rowSummary(state.layer, state.head, i)}`;
     if (data.texts) text += `\nkey text: ${keyText(j)}\nquery text: ${queryText(i)}`;
     tooltip.textContent = text;
     const wrap = canvas.parentElement.getBoundingClientRect();
@@ -156,7 +166,8 @@
     if (state.row === null) return;
     const i = state.row;
     const [q0, q1] = tokenRange(i, S.block_q);
-    $("reads-title").textContent = `Query block ${i} (tokens ${q0}-${q1}), layer ${state.layer} head ${state.head} reads:`;
+    $("reads-title").textContent = `Query block ${i} (tokens ${q0}-${q1}), layer ${state.layer} head ${state.head} ` +
+      `${rowSummary(state.layer, state.head, i)}; it reads:`;
     $("row-text").textContent = data.texts ? queryText(i) : "";
     list.dataset.layer = state.layer;
     list.dataset.head = state.head;
@@ -273,7 +284,7 @@
     facts(table, [
       ["needle", `${prompt.key ?? "?"} = ${prompt.answer ?? "?"} at depth ${prompt.depth ?? "?"} (blocks ${route.needle_blocks ?? "?"})`],
       ["dense answer", `${JSON.stringify(niah.dense_answer)} (${niah.correct ? "right" : "wrong"})`],
-      ["k", `${niah.k}${niah.min_k !== null && niah.min_k !== undefined ? " (smallest k that keeps the answer)" : ""}; answer ${niah.answer_kept ? "kept" : "LOST"} by the sparse model`],
+      ["budget", `${niah.budget ?? "k = " + niah.k}${niah.min_k !== null && niah.min_k !== undefined ? " (smallest k that keeps the answer)" : ""}; answer ${niah.answer_kept ? "kept" : "LOST"} by the sparse model`],
       ["route", `needle -> answer ${route.connected ? "connected" : "NOT connected"} (threshold ${route.threshold})`],
     ]);
     results.append(table);

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..analysis.anchors import (
     DEFAULT_PROXIMITY,
@@ -51,7 +50,7 @@ from ..blocks import num_blocks
 from ..config import StreamConfig
 from ..errors import InputError, MemoryRequestError
 from ..files import atomic_write, save_figure, write_json
-from ..models import describe_model, input_device
+from ..models import describe_model, forward_logits
 from ..trace import Trace
 from ..tracer import available_memory, prepare_input, run_trace
 from .suppression import SUPPRESSION_FORWARDS, SuppressionResult, suppression_matrix
@@ -145,8 +144,8 @@ def anchors(
     proximity: int = DEFAULT_PROXIMITY,
     control_depth: bool = False,
     top_heads: int = DEFAULT_TOP_HEADS,
-    exclude_layer0: bool = True,
-    key_average: str = "sum",
+    exclude_layer0: bool = False,
+    key_average: str = "mean",
     dense_check: str = "auto",
     dense_max_tokens: int = DEFAULT_DENSE_MAX_TOKENS,
     causal: str | None = None,
@@ -256,9 +255,7 @@ def _traced_unit_attention(model, tokenizer, ids, split, config, key_average, pr
 def _answer_check(model, ids, sparse_logits, keep, answer: Unit) -> dict[str, Any]:
     """Sparse vs dense greedy predictions of the answer unit's tokens (teacher-forced)."""
     tokens = len(ids)
-    device = input_device(model)
-    with torch.inference_mode():
-        dense_logits = model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=keep).logits[0]
+    dense_logits = forward_logits(model, ids, keep=keep)
     sparse, dense = sparse_logits.argmax(-1), dense_logits.float().cpu().argmax(-1)
     facts = {"next_token_match": bool(sparse[-1] == dense[-1]), "answer_unit": answer.index,
              "answer_text": answer.text}
@@ -278,13 +275,14 @@ def _dense_comparison(results, heads, top_heads, exclude_layer0) -> dict[str, An
     if not checked:
         return None
     dense_heads = receiver_heads([t.dense_kurtosis for t in checked], top_heads, exclude_layer0)
+    first = 1 if exclude_layer0 else 0
     per_text = []
     for t in checked:
         dense_scores = unit_scores(t.dense_vertical, dense_heads)
         same_heads = unit_scores(t.dense_vertical, heads)
         per_text.append({"name": t.name, "spearman_scores": spearman(t.scores, dense_scores),
                          "spearman_scores_same_heads": spearman(t.scores, same_heads),
-                         "spearman_kurtosis": spearman(t.kurtosis[1:].ravel(), t.dense_kurtosis[1:].ravel())})
+                         "spearman_kurtosis": spearman(t.kurtosis[first:].ravel(), t.dense_kurtosis[first:].ravel())})
     return {"receiver_heads": [list(x) for x in dense_heads],
             "receiver_overlap": len(set(heads) & set(dense_heads)), "texts": per_text,
             "note": "dense = the same pipeline on a trace whose k covers every key block (exact dense attention)"}

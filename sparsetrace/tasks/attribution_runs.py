@@ -42,7 +42,8 @@ from ..analysis.attribution import (
 from ..config import StreamConfig
 from ..errors import InputError
 from ..files import save_figure, write_json
-from ..models import describe_model, input_device
+from ..models import describe_model, eos_token_ids, greedy_decode
+from ..text import shorten, token_offsets
 from ..trace import Trace
 from ..tracer import prepare_input, run_trace
 
@@ -166,12 +167,9 @@ def attribute(
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens={max_new_tokens}; use a positive number of tokens")
     prompt, span, query = _prompt_and_span(tokenizer, context, query, prompt, context_span)
-    if not getattr(tokenizer, "is_fast", False):
-        raise InputError("attribution needs a fast tokenizer (with offset mapping); load the model's tokenizer "
-                         "with use_fast=True")
-    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    prompt_ids = list(encoded["input_ids"])
-    split = context_sources(prompt, [tuple(x) for x in encoded["offset_mapping"]], span, sources, config.block_k)
+    tokens, offsets = token_offsets(tokenizer, prompt, add_special_tokens=False, subject="attribution needs")
+    prompt_ids = tokens.tolist()
+    split = context_sources(prompt, offsets, span, sources, config.block_k)
     if not split:
         raise InputError(f"the context has no {sources} (no token of the prompt falls in it); give a context with "
                          "some text")
@@ -255,14 +253,8 @@ def response_token_ids(tokenizer, prompt: str, prompt_ids: list[int], response: 
 
 def _greedy_response(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
     """The dense model's greedy answer as text, special tokens kept (ContextCite decodes them too)."""
-    eos = model.generation_config.eos_token_id
-    eos = tokenizer.eos_token_id if eos is None else eos
-    ids = torch.tensor([prompt_ids], device=input_device(model))
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             temperature=None, top_p=None, top_k=None, eos_token_id=eos,
-                             pad_token_id=eos if isinstance(eos, int) else eos[0])
-    return tokenizer.decode(out[0, len(prompt_ids) :].tolist())
+    tokens, _ = greedy_decode(model, torch.tensor(prompt_ids), max_new_tokens, stop=eos_token_ids(model, tokenizer))
+    return tokenizer.decode(tokens.tolist())
 
 
 def save_attribution(result: Attribution, folder: str | Path, tokenizer=None, *, top: int = 5) -> dict[str, str]:
@@ -273,7 +265,7 @@ def save_attribution(result: Attribution, folder: str | Path, tokenizer=None, *,
     folder = Path(folder)
     paths = {"json": write_json(folder / "attribution.json", result.to_dict())}
     figure = attribution_figure(result.context, [(s.start, s.end) for s in result.sources], result.scores, top=top,
-                                title=f"Context attribution ({result.method}): {_short(result.response, 60)!r}")
+                                title=f"Context attribution ({result.method}): {shorten(result.response, 60)!r}")
     paths["figure"] = save_figure(figure, folder / "attribution.png")
     if result.trace is not None:
         paths["trace"] = result.trace.save(folder / "trace.sptrace")
@@ -287,8 +279,3 @@ def save_attribution(result: Attribution, folder: str | Path, tokenizer=None, *,
 def _finite(value):
     """JSON has no NaN or infinity: None instead."""
     return None if isinstance(value, float) and not np.isfinite(value) else value
-
-
-def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"

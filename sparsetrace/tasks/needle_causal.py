@@ -47,7 +47,7 @@ from ..backend import sparse_attention
 from ..config import StreamConfig
 from ..errors import InputError
 from ..interventions import HEAD_MODES, Intervention
-from ..models import describe_model, input_device
+from ..models import describe_model, eos_token_ids, greedy_decode
 from ..tracer import prepare_input
 from .niah import ANSWER_TOKENS, DenseAnswer, NiahPrompt, dense_answer
 
@@ -280,14 +280,10 @@ class _Passes:
         no cache, and "mean" averages over the positions of each call)."""
         knockouts = Intervention(heads_out=removed, head_mode=self.mode).layer_knockouts(self.layers, self.heads,
                                                                                           len(ids))
-        config = self.model.generation_config
-        pad = config.eos_token_id if config.pad_token_id is None else config.pad_token_id
-        ids = ids[None].to(input_device(self.model))
         with sparse_attention(self.model, self.config, lambda record: None, forward="exact", kernel=self.kernel,
-                              knockouts=knockouts), torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
-                                      pad_token_id=pad)
-        return out[0, ids.shape[1]:].cpu().tolist()
+                              knockouts=knockouts):
+            tokens, _ = greedy_decode(self.model, ids, steps, stop=eos_token_ids(self.model))
+        return tokens.tolist()
 
 
 def _measure(runner: _Passes, tokenizer, prompt: NiahPrompt, answer: DenseAnswer, kind: str, size: int,

@@ -57,7 +57,7 @@ from ..analysis.segments import Unit, split_units
 from ..config import StreamConfig
 from ..errors import InputError
 from ..interventions import Intervention
-from ..models import describe_model
+from ..models import describe_model, forward_sizes
 from ..tracer import available_memory, prepare_input
 
 SUPPRESSION_FORWARDS = ("sparse", "dense")
@@ -163,7 +163,7 @@ def suppression_matrix(
         owner[a:b] = u
     counts = torch.bincount(owner[owner >= 0], minlength=len(spans)).double()
     first = spans[1][0]  # the first position any effect is measured at
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    vocab = forward_sizes(model)["vocab"]
     base_dtype = torch.float32 if (tokens - first) * max(vocab, 1) * 4 <= available_memory() / 4 else torch.float16
 
     started = time.perf_counter()

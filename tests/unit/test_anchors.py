@@ -27,7 +27,7 @@ TEXT = ("First we read the problem. Then we compute 3 + 4 = 7. Wait, is that rig
         "Let me check: 3 + 4 is 7.\n\nSo the total is 7. The answer is 7. ") * 3
 
 
-def traced_unit_attention(model, tokenizer, config, key_average="sum"):
+def traced_unit_attention(model, tokenizer, config, key_average="mean"):
     """A from the reducer, and a reference A from each layer's q and k through plain dense softmax."""
     units, _ = split_units(TEXT, tokenizer, "sentences", region="all")
     ids = prepare_input(model, tokenizer, TEXT, None, config)
@@ -59,7 +59,8 @@ def traced_unit_attention(model, tokenizer, config, key_average="sum"):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])  # GQA 4/2 heads; mistral: sliding window
 def test_full_k_unit_attention_equals_dense(arch, tiny_tokenizer):
     model = tiny_model(arch)
-    matrix, reference, units = traced_unit_attention(model, tiny_tokenizer, StreamConfig(k=64, block_size=16))
+    matrix, reference, units = traced_unit_attention(model, tiny_tokenizer, StreamConfig(k=64, block_size=16),
+                                                     key_average="sum")
     assert matrix.shape == reference.shape and len(units) > 10
     np.testing.assert_allclose(matrix, reference, atol=2e-5)
     assert np.abs(np.triu(matrix, 1)).max() < 1e-6, "no unit attends to a later unit"
@@ -68,7 +69,7 @@ def test_full_k_unit_attention_equals_dense(arch, tiny_tokenizer):
 def test_sparse_unit_attention_equals_dense_restricted_to_kept_blocks(tiny_tokenizer):
     model = tiny_model("llama", seed=1)
     config = StreamConfig(k=1, block_q=16, block_k=8)
-    matrix, reference, _ = traced_unit_attention(model, tiny_tokenizer, config, key_average="mean")
+    matrix, reference, _ = traced_unit_attention(model, tiny_tokenizer, config)
     np.testing.assert_allclose(matrix, reference, atol=2e-5)
 
 
@@ -101,13 +102,51 @@ def test_kurtosis_by_hand_and_receivers():
     kurt = head_kurtosis(vertical)
     assert kurt[1, 0] == pytest.approx(-2 / 3) and kurt[1, 1] == pytest.approx(-2.0)
     assert np.isnan(kurt[1, 2])
-    assert receiver_heads(kurt, top=2) == [(1, 0), (1, 1)]
-    assert receiver_heads(kurt, top=1, exclude_layer0=False) == [(0, 0)]
+    assert receiver_heads(kurt, top=2) == [(0, 0), (1, 0)], "layer 0 counts, as in their scoring"
+    assert receiver_heads(kurt, top=2, exclude_layer0=True) == [(1, 0), (1, 1)]
     # averaged over traces: the second trace makes head (1, 1) the stronger
     other = kurt.copy()
     other[1, 1] = 5.0
     assert receiver_heads([kurt, other], top=1) == [(1, 1)]
     np.testing.assert_allclose(unit_scores(vertical, [(1, 0), (1, 1)])[:4], [0, 0.5, 0, 1])
+
+
+def test_their_definitions_by_hand():
+    """The thought-anchors code's definitions worked out by hand (`_compute_averaged_matrix`,
+    `get_vertical_scores`, `get_3d_ar_kurtosis`, `get_top_k_receiver_heads`), against ours."""
+    # token attention of one head, 5 tokens; units: tokens [0, 2), [2, 3), [3, 5)
+    p = torch.tensor([[1.0, 0, 0, 0, 0], [0.5, 0.5, 0, 0, 0], [0.2, 0.2, 0.6, 0, 0], [0.1, 0.3, 0.2, 0.4, 0],
+                      [0.4, 0.1, 0.1, 0.2, 0.2]])
+    reducer = UnitAttention(torch.tensor([0, 0, 1, 2, 2]), 3, 1, 1, block_q=8, block_k=8)
+    probs = torch.zeros(1, 1, 1, 8, 8)
+    probs[0, 0, 0, :5, :5] = p
+    reducer(0, 0, probs, torch.zeros(1, 1, 1, 1, dtype=torch.long))
+    # theirs: np.mean of each block, the future zeros of the diagonal blocks included
+    # A[0, 0] = (1 + 0 + .5 + .5) / 4; A[2, 0] = (.1 + .3 + .4 + .1) / 4; A[2, 1] = (.2 + .1) / 2; A[2, 2] = .8 / 4
+    their_mean = [[0.5, 0, 0], [0.2, 0.6, 0], [0.225, 0.15, 0.2]]
+    np.testing.assert_allclose(reducer.matrix()[0, 0], their_mean, atol=1e-7)
+    # "sum": per query token of unit i, the probability on all of unit j (rows sum to 1)
+    np.testing.assert_allclose(reducer.matrix("sum")[0, 0], [[1.0, 0, 0], [0.4, 0.6, 0], [0.45, 0.15, 0.4]],
+                               atol=1e-7)
+    # vertical scores, proximity 1: column j over rows i >= j + 1
+    np.testing.assert_allclose(vertical_scores(np.array(their_mean), proximity=1), [0.2125, 0.15, np.nan])
+
+    # two layers, one head, 6 units, proximity 2 (only entries i - j >= 2 count)
+    a = np.zeros((2, 1, 6, 6))
+    a[0, 0, 2:, 0] = 0.4                                      # layer 0: vertical [.4, 0, 0, 0, nan, nan]
+    a[1, 0, 2:, 0] = [0.1, 0.3, 0.2, 0.2]                     # layer 1: column means .2,
+    a[1, 0, 3:, 1] = [0.1, 0.05, 0.15]                        # .1,
+    a[1, 0, 4:, 2] = [0.3, 0.1]                               # .2,
+    a[1, 0, 5, 3] = 0.1                                       # .1
+    a[:, :, np.arange(6), np.arange(6)] = 0.9                 # too near: never counted
+    vertical = vertical_scores(a, proximity=2)
+    np.testing.assert_allclose(vertical[0, 0], [0.4, 0, 0, 0, np.nan, np.nan])
+    np.testing.assert_allclose(vertical[1, 0], [0.2, 0.1, 0.2, 0.1, np.nan, np.nan])
+    # Fisher kurtosis, bias=True: [.4, 0, 0, 0]: m2 = .03, m4 = .0021, m4 / m2^2 - 3 = -2/3; [.2, .1, .2, .1]: -2
+    np.testing.assert_allclose(head_kurtosis(vertical)[:, 0], [-2 / 3, -2.0])
+    # their top-k keeps layer 0: the receiver head is (0, 0), and each unit's score its vertical score
+    assert receiver_heads(head_kurtosis(vertical), top=1) == [(0, 0)]
+    np.testing.assert_allclose(unit_scores(vertical, [(0, 0)]), [0.4, 0, 0, 0, np.nan, np.nan])
 
 
 def test_spearman_ignores_undefined_units():

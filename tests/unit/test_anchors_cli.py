@@ -8,6 +8,7 @@ from test_cli import run
 from tiny_models import tiny_model
 
 import sparsetrace as st
+from sparsetrace.analysis.anchors import receiver_heads
 from sparsetrace.config import StreamConfig
 from sparsetrace.generation import generate_reasoning
 
@@ -33,7 +34,8 @@ def test_library_result_and_dense_check(tiny_tokenizer):
     units = result.units
     assert len(units) == 21 and units[-1].text == "The answer is 14."
     assert result.vertical_scores.shape == (3, 4, 21) and result.kurtosis.shape == (3, 4)
-    assert len(result.receiver_heads) == 3 and all(layer > 0 for layer, _ in result.receiver_heads)
+    assert result.settings["key_average"] == "mean" and result.settings["exclude_layer0"] is False
+    assert result.receiver_heads == receiver_heads(result.kurtosis, 3), "top kurtosis over all layers, layer 0 too"
     assert {u.category for u in units} >= {"active_computation", "final_answer_emission", "self_checking"}
     # the scores are the receiver heads' mean vertical scores
     heads = result.receiver_heads
@@ -58,17 +60,31 @@ def test_full_k_dense_check_agrees_with_itself(tiny_tokenizer):
     assert result.texts[0].fidelity["answer_preserved"] is True
 
 
+def test_a_coverage_budget_runs_and_its_dense_check_is_dense(tiny_tokenizer):
+    """Under coverage 1.0 with every block allowed the scores are the dense ones; the dense check drops the budget."""
+    model = tiny_model("llama")
+    blocks = -(-len(REASONING) // 16)
+    result = st.anchors(model, tiny_tokenizer, REASONING, StreamConfig(block_size=16, coverage=1.0, k_max=blocks),
+                        top_heads=4, dense_check="always")
+    assert result.texts[0].trace.coverage(0) is not None
+    assert result.dense["texts"][0]["spearman_scores"] == pytest.approx(1.0)
+    partial = st.anchors(model, tiny_tokenizer, REASONING, StreamConfig(block_size=16, coverage=0.5, k_max=2),
+                         top_heads=4, dense_check="always")
+    assert partial.texts[0].trace.stats()["kept_per_row_mean"] < result.texts[0].trace.stats()["kept_per_row_mean"]
+
+
 def test_cli_writes_json_npz_figures_and_traces(capsys, tmp_path, reasoning_file, model_folder):  # noqa: F811
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps(["unknown"] * 21))
     out = tmp_path / "anchors"
     code, stdout, err = run(capsys, "anchors", reasoning_file, reasoning_file, "-o", str(out), "--model", model_folder,
                             "--k", "2", "--block-size", "16", "--top-heads", "5", "--no-progress",
-                            "--labels", str(labels), str(labels))
+                            "--labels", str(labels), str(labels), "--exclude-layer-0", "--key-average", "sum")
     assert code == 0, err
     assert "receivers" in stdout and "pruned" in stdout and "Spearman" in stdout
     data = json.loads((out / "anchors.json").read_text())
     assert len(data["receiver_heads"]) == 5 and len(data["texts"]) == 2
+    assert all(layer > 0 for layer, _ in data["receiver_heads"]) and data["settings"]["key_average"] == "sum"
     assert data["texts"][0]["categories_source"].startswith("labels file")
     assert len(data["texts"][0]["vertical_scores"]) == 3
     for name in ("kurtosis.png", "categories.png", "vertical_scores_0.png", "unit_attention_1.png",

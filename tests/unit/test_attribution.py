@@ -103,6 +103,15 @@ def test_mass_is_dense_attention_when_k_covers_every_block(chat_tokenizer, model
     np.testing.assert_allclose(result.scores, expected.max(1).mean(0), atol=1e-5)  # the default, max_head
 
 
+def test_a_full_coverage_budget_gives_the_dense_mass(chat_tokenizer, model):
+    dense = st.attribute(model, chat_tokenizer, CONTEXT, QUERY, st.StreamConfig(k=64, block_size=16),
+                         response=RESPONSE)
+    covered = st.attribute(model, chat_tokenizer, CONTEXT, QUERY,
+                           st.StreamConfig(block_size=16, coverage=1.0, k_max=64), response=RESPONSE)
+    np.testing.assert_allclose(covered.mass, dense.mass, atol=1e-5)
+    assert covered.trace.coverage(0) is not None
+
+
 def test_sparse_mass_is_a_share_of_each_row(chat_tokenizer, model):
     prompt, start = st.attribution_prompt(chat_tokenizer, CONTEXT, QUERY)
     ids = torch.tensor(chat_tokenizer(prompt + RESPONSE, add_special_tokens=False)["input_ids"][:-1])

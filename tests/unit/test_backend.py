@@ -45,6 +45,19 @@ def test_full_k_mass_schedule_equals_the_models_own_attention(name):
     torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_full_coverage_equals_the_models_own_attention(name):
+    """p = 1 with k_max covering every block: each row keeps all it can see, on every architecture."""
+    model = tiny_model(name)
+    ids = torch.randint(0, 97, (1, TOKENS), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(ids).logits
+    seen = {}
+    sparse = _sparse_logits(model, ids, StreamConfig(block_size=16, coverage=1.0, k_max=10), seen)
+    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+    assert all(float(s.coverage.min()) > 1 - 1e-4 for s in seen.values()), "every row reports all of its attention"
+
+
 @pytest.mark.parametrize("name", ["mistral", "gemma3", "qwen2"])
 def test_sliding_layers_never_select_outside_their_window(name):
     model = tiny_model(name)

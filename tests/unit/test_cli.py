@@ -99,6 +99,14 @@ def test_check_and_min_k(capsys, text_file, model_folder):
     assert code == 0 and result["passed"][str(result["min_k"])] is True
     code, out, _ = run(capsys, "min-k", text_file, *common, "--n-match", "1")
     assert code == 0 and out.startswith("min k")
+    code, out, _ = run(capsys, "min-k", text_file, *common, "--n-match", "1", "--budget", "coverage", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["passed"][str(result["min_coverage"])] is True
+    code, out, err = run(capsys, "min-k", text_file, *common, "--n-match", "1", "--budget", "coverage", "--k-max", "3")
+    assert code == 0, err
+    assert out.startswith(("min p", "no p")) and "blocks a row" in out
+    code, _, err = run(capsys, "min-k", text_file, *common, "--k-max", "3")
+    assert code == 2 and "--budget coverage" in err
 
 
 def test_dense_forward_trace(capsys, tmp_path, text_file, model_folder):

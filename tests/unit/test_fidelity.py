@@ -7,7 +7,7 @@ from tiny_models import tiny_model
 from sparsetrace.backend import sparse_attention
 from sparsetrace.config import StreamConfig
 from sparsetrace.errors import InputError
-from sparsetrace.fidelity import check, greedy_continuation, min_k
+from sparsetrace.fidelity import check, greedy_continuation, min_coverage, min_k
 
 IDS = torch.randint(0, 250, (300,), generator=torch.Generator().manual_seed(0))
 
@@ -92,3 +92,26 @@ def test_an_input_whose_continuation_would_pass_the_context_is_refused_before_an
         run(llama, None, input_ids=ids, config=StreamConfig(block_size=64))
     with pytest.raises(InputError, match="n_match=0"):
         run(llama, None, input_ids=ids[:100], config=StreamConfig(block_size=64), n_match=0)
+
+
+def test_min_coverage_passes_and_the_target_below_fails(llama):
+    grid = (0.05, 0.2, 0.4, 0.6, 0.8, 0.9, 0.99, 1.0)
+    result = min_coverage(llama, None, input_ids=IDS, config=StreamConfig(block_size=16, sinks=0, local=0),
+                          n_match=2, grid=grid)
+    assert result.k_max == 19, "rows may keep every key block, so p = 1 is dense attention"
+    assert result.passed[1.0] is True and result.min_coverage is not None
+    assert result.passed[result.min_coverage] is True
+    position = grid.index(result.min_coverage)
+    if position:
+        assert result.passed[grid[position - 1]] is False
+    assert result.trace.config.coverage == result.min_coverage
+    assert result.trace.stats()["kept_per_row_mean"] == result.stats_at_min_coverage["kept_per_row_mean"]
+
+
+def test_coverage_check_measures_the_oracle_of_each_rows_own_count(llama):
+    config = StreamConfig(block_size=16, coverage=0.6, k_max=6)
+    report = check(llama, None, input_ids=IDS, config=config)
+    for r, o in zip(report.recall, report.oracle_recall, strict=True):
+        assert 0 < r <= o + 1e-6 <= 1 + 1e-6
+    fixed = check(llama, None, input_ids=IDS, config=StreamConfig(k=6, block_size=16))
+    assert sum(report.oracle_recall) < sum(fixed.oracle_recall), "fewer blocks a row: a smaller oracle"

@@ -33,7 +33,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def needle(model, tiny_tokenizer):
-    prompt = niah_prompt(tiny_tokenizer, 400, 0.3, seed=1)
+    prompt = niah_prompt(tiny_tokenizer, 400, 0.3, seed=1, form="legacy")  # short: no RULER generation budget
     answer = dense_answer(model, tiny_tokenizer, prompt, max_new_tokens=4)
     # a random model never says the needle's value: make the reference a piece of its own answer, so the
     # unchanged model scores 1 and a knockout can score 0
@@ -118,8 +118,8 @@ def test_too_many_heads_is_refused_before_any_forward_pass(model, tiny_tokenizer
 
 
 def test_niah_causal_writes_the_fields_and_figure(capsys, tmp_path, model_folder):
-    code = main(["niah", "--model", model_folder, "--length", "400", "--k", "2", "--block-size", "32",
-                 "--causal", "--causal-n", "1", "2", "--causal-seeds", "2", "--causal-forward", "dense",
+    code = main(["niah", "--model", model_folder, "--length", "400", "--form", "legacy", "--k", "2", "--block-size",
+                 "32", "--causal", "--causal-n", "1", "2", "--causal-seeds", "2", "--causal-forward", "dense",
                  "--no-progress", "-o", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0 and "causal       zero knockout, dense forward" in out
@@ -145,7 +145,7 @@ def test_bad_causal_options_exit_2_before_loading(capsys, tmp_path, argv, messag
 
 
 def test_n_beyond_the_model_is_refused_by_the_cli_before_the_run(capsys, tmp_path, model_folder):
-    code = main(["niah", "--model", model_folder, "--length", "400", "--k", "2", "--block-size", "32", "--causal",
-                 "--causal-n", "5", "7", "--no-progress", "-o", str(tmp_path / "out")])
+    code = main(["niah", "--model", model_folder, "--length", "400", "--form", "legacy", "--k", "2", "--block-size",
+                 "32", "--causal", "--causal-n", "5", "7", "--no-progress", "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "use n of at most 6 (--causal-n)" in err

@@ -28,6 +28,17 @@ def test_short_chunks_merge_into_the_next_and_the_last_into_the_previous():
     assert sentences("A long first sentence. Hi.") == ["A long first sentence. Hi."]
 
 
+def test_merges_measure_as_theirs_and_the_final_sentence_is_kept():
+    text = "First sentence here.\n\nOk.\n\nWait! Let me check the result again. The end is here."
+    # their split_solution_into_chunks: ['First sentence here.', 'Ok. Wait! Let me check the result again.']:
+    # "Ok. Wait!" is 9 characters as they join it, so it merges once more; they drop the final sentence
+    assert sentences(text) == ["First sentence here.", "Ok.\n\nWait! Let me check the result again.",
+                               "The end is here."]
+    # their short last chunk joins the one before it; then our final sentence follows
+    assert sentences("A long first sentence. Yes. The final sentence.") == ["A long first sentence. Yes.",
+                                                                            "The final sentence."]
+
+
 def test_no_punctuation_unicode_and_other_whitespace():
     assert sentences("no punctuation at all just words") == ["no punctuation at all just words"]
     text = "Ça coûte 5 €. Größe ist 3!\tDas Ergebnis: 日本語のテキスト。 Ende gut."

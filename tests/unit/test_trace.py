@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
 import pickle
 import random
+from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
@@ -15,15 +18,20 @@ import safetensors
 import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
+from tiny_models import tiny_model
 
 from sparsetrace import InputError, StreamConfig, TraceFileError
-from sparsetrace.trace import InvalidTraceError, Trace, load_trace
+from sparsetrace.trace import PRE_SEARCH_CONFIG, VERSION, InvalidTraceError, Trace, load_trace
+from sparsetrace.tracer import trace as run_trace
+
+# Written by sparsetrace at commit 2f59503, before `StreamConfig.search` existed (tests/data/README.md).
+TRACE_BEFORE_SEARCH = Path(__file__).parents[1] / "data" / "trace_v1_before_search.sptrace"
 
 FIXES = ("sparsetrace trace", "newer sparsetrace", ".sptrace", "Trace.save")
 STATS_KEYS = {
     "tokens", "layers", "heads", "block_q", "block_k", "k", "kept_blocks", "selected_blocks", "forced_blocks",
     "sparsity", "sparsity_selected_only", "block_sparsity", "compression", "trace_bytes",
-    "dense_pattern_bytes", "dense_to_trace_ratio",
+    "dense_pattern_bytes", "dense_to_trace_ratio", "kept_per_row_mean", "kept_per_row_max",
 }
 
 
@@ -151,14 +159,72 @@ def test_header_keys(tmp_path):
     assert set(metadata) == {
         "format", "format_version", "config", "model", "extra", "created_with", "created", "sha256"
     }
-    assert metadata["format"] == "sparsetrace" and metadata["format_version"] == "1"
-    assert metadata["created_with"].startswith("sparsetrace ")
+    assert metadata["format"] == "sparsetrace" and metadata["format_version"] == "2"
+    assert metadata["created_with"] == f"sparsetrace {VERSION}" and VERSION == importlib.metadata.version("sparsetrace")
     assert json.loads(metadata["config"]) == trace.config.to_dict()
     assert json.loads(metadata["model"]) == trace.model_info
     assert metadata["sha256"] == checksum(tensors)
     assert tensors["token_ids"].dtype == torch.int32
     assert set(tensors) == {"token_ids", "next_token_logits", "layers.0.indices", "layers.0.mass",
                             "layers.1.indices", "layers.1.mass"}
+
+
+def test_a_file_from_before_search_loads_with_the_search_it_ran(tiny_tokenizer):
+    """Its config has no "search"; the loader names the halving search, which reproduces its blocks, and
+    today's default ("auto") would not."""
+    _, metadata = read_raw(TRACE_BEFORE_SEARCH)
+    assert "search" not in json.loads(metadata["config"]) and metadata["created_with"] == "sparsetrace 0.1.0"
+    old = load_trace(TRACE_BEFORE_SEARCH)
+    assert old.config == StreamConfig(k=2, block_size=8, **PRE_SEARCH_CONFIG) and old.config.search == "hierarchical"
+    assert (old.num_tokens, old.num_layers, old.num_heads) == (93, 3, 4)
+    assert metadata["format_version"] == "1" and old.coverage(0) is None, "a version 1 file has no coverage"
+    model = tiny_model("llama")  # the model that wrote it
+    again = run_trace(model, tiny_tokenizer, input_ids=old.token_ids, config=old.config)
+    default = run_trace(model, tiny_tokenizer, input_ids=old.token_ids,
+                        config=dataclasses.replace(old.config, search=StreamConfig().search))
+    kept = [old.blocks(layer)[0] for layer in range(old.num_layers)]
+    assert all(torch.equal(again.blocks(layer)[0], kept[layer]) for layer in range(old.num_layers))
+    assert not all(torch.equal(default.blocks(layer)[0], kept[layer]) for layer in range(old.num_layers))
+
+
+@pytest.fixture
+def coverage_trace(tiny_tokenizer):
+    text = "The needle is 7421. The haystack goes on and on; the answer, asked at the end, is the needle. " * 3
+    return run_trace(tiny_model("llama"), tiny_tokenizer, text, StreamConfig(block_size=8, coverage=0.8, k_max=4))
+
+
+def test_coverage_round_trips_and_shows_in_stats(coverage_trace, tmp_path):
+    path = coverage_trace.save(tmp_path / "c.sptrace")
+    tensors, metadata = read_raw(path)
+    assert metadata["format_version"] == "2" and "layers.0.coverage" in tensors
+    loaded = load_trace(path)
+    for layer in range(loaded.num_layers):
+        assert torch.equal(loaded.coverage(layer), coverage_trace.coverage(layer))
+        assert loaded.coverage(layer).shape == (loaded.num_heads, loaded.num_query_blocks)
+    stats = loaded.stats()
+    counts = torch.stack([loaded.kept_counts(layer) for layer in range(loaded.num_layers)])
+    assert stats["kept_per_row_mean"] == pytest.approx(float(counts.float().mean()))
+    assert stats["kept_per_row_max"] == int(counts.max()) <= 1 + 4 + 1
+    estimated = torch.stack([loaded.coverage(layer) for layer in range(loaded.num_layers)])
+    assert stats["coverage_mean"] == pytest.approx(float(estimated.mean()))
+    assert stats["rows_short_of_coverage"] == pytest.approx(float((estimated < 0.8 - 1e-6).float().mean()))
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    (lambda t, m: t.pop("layers.1.coverage"), "missing tensors ['layers.1.coverage']"),
+    (lambda t, m: t.update({"layers.0.coverage": t["layers.0.coverage"] + 2}), "coverage must lie in [0, 1]"),
+    (lambda t, m: t.update({"layers.0.coverage": t["layers.0.coverage"][:, :-1]}), "coverage must be float32"),
+    (lambda t, m: m.update(config=json.dumps(json.loads(m["config"]) | {"coverage": None, "k_min": None, "k": 4,
+                                                                         "k_max": None})), "coverage=None"),
+])
+def test_broken_coverage_is_refused(coverage_trace, tmp_path, edit, fragment):
+    path = coverage_trace.save(tmp_path / "c.sptrace")
+    tensors, metadata = read_raw(path)
+    edit(tensors, metadata)
+    write_raw(path, tensors, metadata)
+    with pytest.raises(TraceFileError) as error:
+        load_trace(path)
+    assert fragment in str(error.value)
 
 
 def test_accessors_and_bad_layer():
@@ -373,7 +439,7 @@ def _config(**changes):
 BROKEN = {  # what to change -> (edit of tensors t and metadata m, fragment of the message)
     "no format key": (lambda t, m: m.pop("format"), "no 'format' key"),
     "foreign format": (lambda t, m: m.update(format="pt"), "has format 'pt'"),
-    "newer version": (lambda t, m: m.update(format_version="2"), "newer sparsetrace"),
+    "newer version": (lambda t, m: m.update(format_version="3"), "newer sparsetrace"),
     "no version": (lambda t, m: m.pop("format_version"), "version None"),
     "no checksum": (lambda t, m: m.pop("sha256"), "no checksum"),
     "missing tensor": (lambda t, m: t.pop("layers.1.mass"), "missing tensors ['layers.1.mass']"),
