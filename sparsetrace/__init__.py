@@ -20,7 +20,7 @@ from .errors import (
     TraceFileError,
     UnsupportedModelError,
 )
-from .fidelity import FidelityReport, MinKResult, check, min_k
+from .fidelity import FidelityReport, MinCoverageResult, MinKResult, check, min_coverage, min_k
 from .interventions import Intervention
 from .models import describe_model, load_model, load_tokenizer
 from .report import build_report, report
@@ -49,6 +49,7 @@ __all__ = [
     "ConfigError",
     "FidelityReport",
     "Flow",
+    "MinCoverageResult",
     "MinKResult",
     "InputError",
     "NeedleRoute",
@@ -75,6 +76,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "load_trace",
+    "min_coverage",
     "min_k",
     "needle_route",
     "niah_prompt",

@@ -5,7 +5,7 @@ the package of git revision --base (checked out into a temporary worktree), in t
 base, this, base, this, ... --rounds times, each a fresh process, only the estimator paths
 (eager and compiled). Per checkout and length: the median over rounds of run.py's per-call
 medians, and the count of graphs dynamo compiled (equal counts: the compiled graphs are reused
-as before). Writes `checkouts.json` and `checkouts.png` next to itself.
+as before). Writes `NAME.json` and `NAME.png` next to itself (--name, default "checkouts").
 
     python benchmarks/fast_paths/compare.py --base HEAD --lengths 4096 8192 16384 --rounds 2
 """
@@ -53,7 +53,7 @@ def summary(results: list[dict]) -> list[dict]:
     return rows
 
 
-def plot(result: dict) -> None:
+def plot(result: dict, stem: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,11 +66,11 @@ def plot(result: dict) -> None:
             ax.plot([r["tokens"] for r in rows], [r["median_s"][path] for r in rows], style, marker="o",
                     label=f"{name} ({result[name]['revision'][:7]}): {path.split('_')[1]}")
     ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="seconds per call, one layer (median)",
-           title="select_blocks before and after a change (same harness, in turns)")
+           title="select_blocks before and after (in turns)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(HERE / "checkouts.png", dpi=120)
+    fig.savefig(HERE / f"{stem}.png", dpi=120)
 
 
 def main() -> None:
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--rounds", type=int, default=2, help="processes per checkout, in turns")
     parser.add_argument("--runs", type=int, default=3, help="run.py's calls per path and length")
+    parser.add_argument("--name", default="checkouts", help="file name (no suffix) of the JSON and PNG written")
     args = parser.parse_args()
     revision = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -98,8 +99,8 @@ def main() -> None:
         "base": {"revision": revision, "rows": summary(results["base"])},
         "this": {"revision": "working tree on " + revision, "rows": summary(results["this"])},
     }
-    (HERE / "checkouts.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result)
+    (HERE / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.name)
 
 
 if __name__ == "__main__":
