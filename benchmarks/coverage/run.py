@@ -157,6 +157,31 @@ def measure_cell(model, tokenizer, ids: torch.Tensor, k_max: int) -> dict:
     return cell
 
 
+def markdown(results: dict) -> str:
+    """The README's tables: per cell and p, coverage against fixed k at the same mean kept blocks,
+    then each cell's smallest k and smallest p that keep the next 2 tokens."""
+    lines = ["| text | tokens | p | blocks a row (mean / max) | recall (worst layer) | estimated | honest rows | "
+             "next 2 kept | KL last 64 | fixed k, same budget: k, blocks a row, recall, next 2, KL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, cell in results["cells"].items():
+        text = name.rsplit("_", 1)[0]
+        for p, v in cell["coverage"].items():
+            f = v["fixed_k_same_budget"]
+            lines.append(
+                f"| {text} | {cell['tokens']:,} | {p} | {v['kept_per_row_mean']:.1f} / {v['kept_per_row_max']} | "
+                f"{v['recall']:.3f} ({v['recall_worst_layer']:.3f}) | {v['estimated_coverage_mean']:.3f} | "
+                f"{v['honest_rows']:.2f} (gap {v['gap_mean']:+.3f}) | {'yes' if v['keeps_next_2'] else 'no'} | "
+                f"{v['kl_last_64']:.4f} | k = {f['k']}, {f['kept_per_row_mean']:.1f}, {f['recall']:.3f}, "
+                f"{'yes' if f['keeps_next_2'] else 'no'}, {f['kl_last_64']:.4f} |")
+    lines += ["", "| text | tokens | min k (blocks a row) | min p (blocks a row) |", "|---|---|---|---|"]
+    for name, cell in results["cells"].items():
+        k, p = cell["min_k"], cell["min_coverage"]
+        blocks = [f"{x['kept_per_row_mean']:.1f}" if x["kept_per_row_mean"] is not None else "-" for x in (k, p)]
+        lines.append(f"| {name.rsplit('_', 1)[0]} | {cell['tokens']:,} | {k['k']} ({blocks[0]}) | "
+                     f"{p['p']} ({blocks[1]}) |")
+    return "\n".join(lines)
+
+
 def plot(results: dict) -> None:
     import matplotlib
 
@@ -224,6 +249,7 @@ def main() -> None:
     atomic_write(folder / "results.json", (json.dumps(results, indent=1) + "\n").encode(), what="results")
     if cells:
         plot(results)
+        print(markdown(results))
 
 
 if __name__ == "__main__":
