@@ -71,7 +71,7 @@ class StreamConfig:
             cost, still O(T log T).
         coverage: None (default) = a fixed budget (k, or the k schedule's); p in (0, 1] = each row
             keeps the fewest searched blocks whose estimated share of its attention, with the
-            forced blocks, reaches p, within [k_min, k_max] (`stream._keep_to_coverage`): rows
+            forced blocks, reaches p, within [k_min, k_max] (`coverage.keep_to_coverage`): rows
             that read few blocks keep few, spread rows keep more. Needs score="logsumexp" and
             k_schedule="fixed".
         k_min: with coverage, the fewest searched blocks a row keeps (default 1; 0 = only the

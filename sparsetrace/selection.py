@@ -27,7 +27,7 @@ class Selection:
             the score of every candidate on rows that score them all); NaN for forced blocks,
             padding, and searched rows whose branches were single blocks from the start.
         coverage: float32 [B, H, n_q] under a coverage budget: each row's estimated share of its
-            attention in the kept blocks (`stream._keep_to_coverage`); None for a fixed budget.
+            attention in the kept blocks (`coverage.keep_to_coverage`); None for a fixed budget.
     """
 
     indices: Tensor

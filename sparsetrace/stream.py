@@ -21,7 +21,8 @@ file's order:
    `_DENSE_SCORE_SPEEDUP` sets where the search takes over.
 4. Output (`selection.with_forced_blocks`): the kept blocks of each row with the forced ones,
    sorted, -1 padded. The "mass" k schedule then cuts the 2k candidates of every row to the fixed
-   schedule's total per head, by their attention mass (`_cut_by_mass`).
+   schedule's total per head, by their attention mass (`_cut_by_mass`); a coverage budget keeps
+   as many of its k_max candidates as the row's estimated coverage needs (`coverage.py`).
 
 Everything is batched over heads and query blocks; query blocks are processed in chunks of a
 fixed size, so the working memory is bounded whatever T is, and no T x T tensor is ever built:
@@ -41,9 +42,10 @@ from torch import Tensor
 from .block_attention import kept_block_mass
 from .blocks import gather_blocks, num_blocks, row_key_range, split_blocks, visible
 from .config import StreamConfig
+from .coverage import keep_to_coverage
 from .errors import InputError
 from .kernels import compiled_version
-from .selection import Selection, keep_largest_overall, row_budgets, searched_range, sorted_rows, with_forced_blocks
+from .selection import Selection, keep_largest_overall, row_budgets, searched_range, with_forced_blocks
 
 # Score of a non-empty child none of whose keys the scoring queries can see: below any real
 # score, above empty children (-inf), and finite when summed over a head group.
@@ -111,7 +113,9 @@ def select_blocks(
     n_k = num_blocks(tokens, config.block_k)
     kept = with_forced_blocks(selected, score, plan.first, plan.last, n_k, config)  # step 4
     if config.coverage is not None:
-        return _keep_to_coverage(search, k, kept, log_total, n_k)
+        key_blocks = search.keys if config.representative == "block" else split_blocks(k, config.block_k)
+        return keep_to_coverage(kept, search.query_blocks, search.query_pos, key_blocks, log_total, plan.lo, plan.hi,
+                                config, tokens=tokens, sliding_window=sliding_window)
     if config.k_schedule != "mass":
         return kept
     return _cut_by_mass(q, k, kept, plan, config, scaling=scaling, sliding_window=sliding_window)
@@ -500,79 +504,3 @@ def _cut_by_mass(q: Tensor, k: Tensor, candidates: Selection, plan: _Plan, confi
     n_k = num_blocks(k.shape[2], config.block_k)
     return keep_largest_overall(candidates, mass, plan.first, plan.last, n_k, config)
 
-
-# Step 4's coverage budget.
-
-def _keep_to_coverage(search: _Search, k: Tensor, candidates: Selection, log_total: Tensor, n_k: int) -> Selection:
-    """A coverage budget: each row keeps the fewest of its k_max candidates whose estimated share of
-    the row's attention, with the forced blocks, reaches p (within [k_min, the candidates found]).
-
-    The estimate reads the scoring queries only (every `query_stride`-th of a block): for each, its
-    attention over the kept blocks (exact) and over the searched candidates as a whole (`log_total`:
-    exact on rows that score every candidate, from the first round's representatives on rows that
-    search), normalised per query, then averaged over the queries. Nothing T x T: one more pass over
-    the k_max candidates and forced blocks of every row, in chunks.
-
-    Args:
-        k: [B, H_kv, T, d] the layer's keys; candidates: the search's k_max blocks a row plus the
-            forced ones [B, H, n_q, K]; log_total: [B, H, n_q, q'] each scoring query's log mass on
-            all the row's candidates (-inf: not estimated, the kept ones then stand for them all).
-    Returns:
-        the kept blocks, sorted, -1 padded, with `coverage` [B, H, n_q]: the estimated share kept.
-    """
-    config = search.scoring.config
-    key_blocks = search.keys if config.representative == "block" else split_blocks(k, config.block_k)
-    batch, heads, n_q, width = candidates.indices.shape
-    strided = search.query_blocks.shape[3]
-    chunk = max(1, _CHUNK_ELEMENTS // (batch * heads * strided * width * config.block_k))
-    shares = torch.cat([
-        _kept_shares(search, key_blocks, candidates.indices[:, :, rows], log_total[:, :, rows], rows)
-        for rows in torch.arange(n_q, device=k.device).split(chunk)
-    ], dim=2)  # [B, H, n_q, K]
-    if config.head_sharing == "kv_group":  # one mask per group: the group's mean share
-        group = shares.unflatten(1, (k.shape[1], heads // k.shape[1]))
-        shares = group.mean(dim=2, keepdim=True).expand_as(group).flatten(1, 2)
-    idx = candidates.indices.long()
-    searched = (idx >= search.plan.lo[:, None]) & (idx <= search.plan.hi[:, None])
-    forced_share = (shares * (~searched & (idx >= 0))).sum(dim=-1)
-    ranked = shares.masked_fill(~searched, -1.0).sort(dim=-1, descending=True, stable=True)
-    found = searched.sum(dim=-1)
-    before = forced_share[..., None] + ranked.values.clamp(min=0).cumsum(dim=-1) - ranked.values.clamp(min=0)
-    needed = ((before < config.coverage) & (ranked.values >= 0)).sum(dim=-1)  # fewest reaching p, or all found
-    count = torch.minimum(torch.clamp(needed, min=config.k_min), found)
-    keep_ranked = torch.arange(width, device=k.device) < count[..., None]
-    keep = torch.zeros_like(searched).scatter(-1, ranked.indices, keep_ranked) | (~searched & (idx >= 0))
-    coverage = (shares * keep).sum(dim=-1).clamp(0.0, 1.0)
-    kept = sorted_rows(torch.where(keep, idx, -1), torch.where(keep, candidates.scores, float("nan")), n_k)
-    return dataclasses.replace(kept, coverage=coverage)
-
-
-def _kept_shares(search: _Search, key_blocks: Tensor, indices: Tensor, log_total: Tensor, rows: Tensor) -> Tensor:
-    """Each kept block's estimated share of its row's attention, for the rows `rows` (int64 [c]).
-
-    Args:
-        key_blocks: [B, H_kv, n_k, block_k, d]; indices: int [B, H, c, K] kept blocks (-1 = none),
-            forced ones included; log_total: [B, H, c, q'] as `_keep_to_coverage`.
-    Returns:
-        float32 [B, H, c, K]: the mean over the rows' scoring queries of the block's attention
-        probability under a softmax over the forced blocks and all candidates (0 for padding).
-    """
-    config, tokens, plan = search.scoring.config, search.scoring.tokens, search.plan
-    heads = search.query_blocks.shape[1]
-    idx = indices.long()
-    valid = idx >= 0
-    keys = gather_blocks(key_blocks, idx.clamp(min=0), heads)  # [B, H, c, K, kb, d]
-    queries = search.query_blocks[:, :, rows]  # [B, H, c, q', d], scaled
-    logits = torch.einsum("bhcqd,bhckjd->bhcqkj", queries, keys).float()
-    key_pos = idx[..., None] * config.block_k + torch.arange(config.block_k, device=idx.device)  # [B, H, c, K, kb]
-    query_pos = search.query_pos[rows]  # [c, q']
-    seen = visible(query_pos[None, None, :, :, None, None], key_pos[:, :, :, None], tokens,
-                   search.scoring.sliding_window) & valid[:, :, :, None, :, None]
-    per_block = logits.masked_fill(~seen, float("-inf")).logsumexp(dim=-1)  # [B, H, c, q', K]
-    searched = ((idx >= plan.lo[rows, None]) & (idx <= plan.hi[rows, None]))[:, :, :, None, :]
-    forced = per_block.masked_fill(searched | ~valid[:, :, :, None, :], float("-inf")).logsumexp(dim=-1)
-    kept_candidates = per_block.masked_fill(~searched, float("-inf")).logsumexp(dim=-1)
-    log_z = torch.logaddexp(forced, torch.maximum(kept_candidates, log_total))  # [B, H, c, q']
-    probability = torch.exp(per_block - log_z[..., None]).nan_to_num(0.0)  # a query that sees nothing: 0
-    real = (query_pos < tokens).float()  # [c, q']
-    return (probability * real[None, None, :, :, None]).sum(dim=3) / real.sum(dim=-1).clamp(min=1)[None, None, :, None]
