@@ -18,7 +18,8 @@ chain of thought by the default model, a natural essay) and length:
 4. The smallest k that keeps the 2 tokens (fixed k, binary search) and the smallest p of
    `fidelity.COVERAGE_GRID` that does, with the mean kept blocks per row at each.
 
-Cells are cached in cells/ (one JSON each, written atomically): an interrupted run resumes.
+Cells are cached in cells/ (one JSON each, written atomically, git-ignored) and kept in results.json:
+an interrupted run resumes from either.
 
     python benchmarks/coverage/run.py --lengths 1024 2048 4096 8192
     python benchmarks/coverage/run.py --model gemma-3-270m --lengths 1024 2048 4096 8192 16384 32768 --k-max 64
@@ -224,25 +225,28 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only rebuild results.json and the plot from cells/")
     args = parser.parse_args()
     folder = HERE / (args.model or "default")
-    cells_dir = folder / "cells"
+    cells_dir = folder / "cells"  # a local cache (git-ignored); results.json, committed, also resumes
     cells_dir.mkdir(parents=True, exist_ok=True)
+    summary = folder / "results.json"
+    cells = json.loads(summary.read_text())["cells"] if summary.exists() else {}
+    cells |= {p.stem: json.loads(p.read_text()) for p in cells_dir.glob("*.json")}
     if not args.table:
         model, tokenizer = load_model(args.model)
         context = model.config.max_position_embeddings
         for length in args.lengths:
             for text in args.texts:
-                path = cells_dir / f"{text}_{length}.json"
-                if path.exists():
+                name = f"{text}_{length}"
+                if name in cells:
                     continue
                 ids = FIDELITY.token_ids(tokenizer, text, length, context, default_model=args.model is None)
                 if ids is None:
                     print(f"{text} {length}: text too short, skipped", flush=True)
                     continue
                 print(f"{text} {length}", flush=True)
-                cell = measure_cell(model, tokenizer, ids, args.k_max)
-                atomic_write(path, (json.dumps(cell, indent=1) + "\n").encode(), what="a cell")
-    cells = {p.stem: json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"),
-                                                               key=lambda p: (int(p.stem.rsplit("_", 1)[1]), p.stem))}
+                cells[name] = measure_cell(model, tokenizer, ids, args.k_max)
+                atomic_write(cells_dir / f"{name}.json", (json.dumps(cells[name], indent=1) + "\n").encode(),
+                             what="a cell")
+    cells = dict(sorted(cells.items(), key=lambda item: (int(item[0].rsplit("_", 1)[1]), item[0])))
     results = {"command": "python benchmarks/coverage/run.py " + " ".join(sys.argv[1:]),
                "model": FIDELITY.MODELS[args.model], "folder": folder.name, "k_max": args.k_max,
                "targets": TARGETS, "cells": cells}
