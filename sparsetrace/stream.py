@@ -109,7 +109,9 @@ def select_blocks(
     for rows, method in ((all_rows[~plan.score_all], search.hierarchical),
                          (all_rows[plan.score_all], search.every_candidate)):
         if len(rows):
-            selected[:, :, rows], score[:, :, rows], log_total[:, :, rows] = method(rows)
+            selected[:, :, rows], score[:, :, rows], total = method(rows)
+            if log_total is not None:
+                log_total[:, :, rows] = total
     n_k = num_blocks(tokens, config.block_k)
     kept = with_forced_blocks(selected, score, plan.first, plan.last, n_k, config)  # step 4
     if config.coverage is not None:
@@ -227,9 +229,9 @@ class _Search:
     query_blocks: [B, H, n_q, q', d] the scoring queries and query_pos int64 [n_q, q'] their
     positions; keys: [B, H_kv, n, key_block, d] key blocks (or single tokens, key_block = 1).
     Both methods return, for the rows `rows` (int64 [r]), the kept blocks int64 [B, H, r, m]
-    (-1 = none), their scores [B, H, r, m], m = the largest row budget, and each scoring query's
-    log attention mass on all the row's candidates [B, H, r, q'] (exact for every_candidate, an
-    estimate for hierarchical; -inf where not computed: a fixed budget).
+    (-1 = none), their scores [B, H, r, m], m = the largest row budget, and under a coverage budget
+    each scoring query's log attention mass on all the row's candidates [B, H, r, q'] (exact for
+    every_candidate, an estimate for hierarchical; -inf where nothing was estimated), else None.
     """
 
     query_blocks: Tensor
@@ -263,12 +265,15 @@ class _Search:
             return self.scoring
         return dataclasses.replace(self.scoring, masked=True)
 
-    def _no_total(self, rows: int) -> Tensor:
-        """A log mass of -inf for `rows` rows: [B, H, rows, q'] (nothing estimated beyond the kept blocks)."""
+    def _no_total(self, rows: int) -> Tensor | None:
+        """Under a coverage budget, a log mass of -inf for `rows` rows: [B, H, rows, q'] (nothing
+        estimated beyond the kept blocks); None under a fixed budget, which estimates nothing."""
+        if self.scoring.config.coverage is None:
+            return None
         batch, heads, _, strided, _ = self.query_blocks.shape
         return torch.full((batch, heads, rows, strided), float("-inf"), device=self.query_blocks.device)
 
-    def hierarchical(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def hierarchical(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """The halving search: O(log n) rounds of 2 x beam children per row."""
         plan, tokens = self.plan, self.scoring.tokens
         batch, heads = self.query_blocks.shape[:2]
@@ -286,7 +291,7 @@ class _Search:
         )
         search_round = compiled_version(_search_round) if self.compiled else _search_round
         max_budget = plan.start.shape[1]
-        kept = []
+        kept, totals = [], []
         for first in range(0, len(rows) + padding, chunk):
             window = slice(first, first + chunk)
             scoring = self._scoring_for(query_pos[window])
@@ -304,12 +309,15 @@ class _Search:
                 )
                 if r == 0 and round_total is not None:  # the first round's children cover every candidate
                     log_total = round_total
-            kept.append((branch_start, branch_width, score, log_total))
-        start, width, score, log_total = (torch.cat(x, dim=2)[:, :, : len(rows)] for x in zip(*kept, strict=True))
+            kept.append((branch_start, branch_width, score))
+            totals.append(log_total)
+        start, width, score = (torch.cat(x, dim=2)[:, :, : len(rows)] for x in zip(*kept, strict=True))
+        log_total = _joined(totals)
         # width 0: a branch beyond the row's budget
-        return torch.where(width == 1, start, -1), torch.where(width == 1, score, float("nan")), log_total
+        return (torch.where(width == 1, start, -1), torch.where(width == 1, score, float("nan")),
+                None if log_total is None else log_total[:, :, : len(rows)])
 
-    def every_candidate(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def every_candidate(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Score every candidate block of the rows and keep each row's best `budget`.
 
         The rows of a chunk see one contiguous span of key blocks, so their scores are one dense
@@ -347,7 +355,12 @@ class _Search:
             selected.append(best)
             scores.append(value)
             totals.append(self._no_total(len(chunk_rows)) if log_total is None else log_total)
-        return torch.cat(selected, dim=2), torch.cat(scores, dim=2), torch.cat(totals, dim=2)
+        return torch.cat(selected, dim=2), torch.cat(scores, dim=2), _joined(totals)
+
+
+def _joined(totals: list[Tensor | None]) -> Tensor | None:
+    """Chunks' log masses [B, H, c, q'] joined along the rows; None under a fixed budget (all None)."""
+    return None if totals[0] is None else torch.cat(totals, dim=2)
 
 
 def _search_round(

@@ -74,14 +74,6 @@ def test_an_interrupted_sweep_leaves_its_finished_cells_summarised(model, tiny_t
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, tiny_tokenizer, model):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def test_niah_and_sweep_commands(capsys, tmp_path, model_folder):
     code = main(["niah", "--model", model_folder, "--length", "600", "--k", "3", "--block-size", "32",
                  "--no-progress", "-o", str(tmp_path / "one")])
