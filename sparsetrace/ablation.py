@@ -35,6 +35,7 @@ from .config import StreamConfig
 from .errors import InputError, UnsupportedModelError
 from .interventions import Intervention
 from .models import cached_keys_values, describe_model, forward_logits, full_kv_cache
+from .notebook import facts_html, facts_repr
 from .tracer import prepare_input
 
 ABLATION_FORWARDS = ("sparse", "dense")
@@ -82,6 +83,24 @@ class AblationResult:
             ],
             "seconds": round(self.seconds, 3),
         }
+
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows: sizes, the base log-probability, the largest drop."""
+        drops = self.drop
+        top = int(drops.argmax()) if len(drops) else None
+        return {"forward": self.forward, "prompt_tokens": len(self.prompt_ids),
+                "response_tokens": len(self.response_ids), "base_logprob": float(self.base.sum()),
+                "interventions": len(self.interventions),
+                "largest_drop": None if top is None else (self.interventions[top].describe(), float(drops[top]))}
+
+    def __repr__(self) -> str:
+        return facts_repr("AblationResult", self._facts())
+
+    def _repr_html_(self) -> str:
+        rows = [{"intervention": iv.describe(), "logprob": float(row.sum()), "drop": float(drop)}
+                for iv, row, drop in list(zip(self.interventions, self.logprobs, self.drop, strict=True))[:20]]
+        return facts_html("AblationResult", self._facts(), rows, rows_title="the response's log-probability under "
+                          "each intervention (the first 20); drop: base - it (nats)")
 
 
 def response_logprobs(

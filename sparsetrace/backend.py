@@ -41,7 +41,7 @@ from .errors import InputError, UnsupportedModelError
 from .interventions import LayerKnockout
 from .kernels import check_kernel, choose_kernel
 from .models import check_config_supported
-from .selection import Selection
+from .selection import Selection, fit_to_input
 from .stream import select_blocks
 
 ATTENTION_NAME = "sparsetrace"
@@ -141,7 +141,7 @@ def stream_attention_forward(
                                     "call the model with use_cache=False and no attention mask")
     if dropout:
         raise UnsupportedModelError("attention dropout is active; call model.eval() before tracing")
-    config = run.config
+    config = fit_to_input(key.shape[2], run.config)  # a k past the blocks that exist would only pad
     if cached % config.block_q:
         raise UnsupportedModelError(f"a cached prefix of {cached} positions does not end on a query block boundary "
                                     f"(block_q={config.block_q}); cache a multiple of block_q positions")

@@ -28,3 +28,9 @@ class TraceFileError(SparsetraceError):
 
 class MemoryRequestError(SparsetraceError, MemoryError):
     """The request needs more memory than the machine has available."""
+
+
+class SparsetraceWarning(UserWarning):
+    """A note about a request that went ahead differently from how it was asked (a k clamped to the
+    blocks that exist, an input cut by max_tokens, an unverified old file, an empty result). The CLI
+    prints each as one line, `sparsetrace: note: ...`, on stderr."""

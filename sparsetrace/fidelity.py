@@ -30,6 +30,7 @@ from .config import StreamConfig
 from .dense import oracle_selection, recall
 from .errors import InputError
 from .models import greedy_decode, kv_cache
+from .notebook import facts_html, facts_repr
 from .selection import selected_counts
 from .trace import Trace
 from .tracer import prepare_input, run_trace
@@ -68,6 +69,22 @@ class FidelityReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"match": self.match, "recall_ratio": self.recall_ratio}
+
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows: recall means over layers, the worst layer, behaviour."""
+        worst = min(range(len(self.recall)), key=self.recall.__getitem__)
+        recall, oracle = sum(self.recall) / len(self.recall), sum(self.oracle_recall) / len(self.oracle_recall)
+        return {"tokens": self.tokens, "budget": StreamConfig.from_dict(self.config).budget_text(),
+                "recall": recall, "oracle_recall": oracle, "recall_ratio": recall / oracle if oracle > 0 else 1.0,
+                "worst_layer": (worst, self.recall[worst]), "match": self.match,
+                "kl_next_token": self.kl_next_token, "top1_agreement": self.top1_agreement}
+
+    def __repr__(self) -> str:
+        return facts_repr("FidelityReport", self._facts())
+
+    def _repr_html_(self) -> str:
+        return facts_html("FidelityReport", self._facts(), note="recall: mean over layers of the dense attention "
+                          "inside the kept blocks; match: the sparse model keeps the dense next tokens")
 
 
 def check(
@@ -167,6 +184,15 @@ class _SearchFacts:
         del facts["trace"]
         return facts | {"passed": {str(value): ok for value, ok in sorted(self.passed.items())}}
 
+    def _facts(self, name: str, found, stats: dict[str, Any]) -> dict[str, Any]:
+        """The key numbers a notebook shows: the smallest passing value, every value tried, and the
+        kept token pairs and compression there."""
+        facts = {name: found, "tried": dict(sorted(self.passed.items())),
+                 "monotone_near_answer": self.monotone_near_answer, "k_max": self.k_max}
+        if stats:
+            facts |= {"kept_token_pairs": f"{1 - stats['sparsity']:.1%}", "compression": stats["compression"]}
+        return facts
+
 
 def _continued_input(model, tokenizer, text, input_ids, config: StreamConfig, n_match: int, max_tokens: int | None,
                      allow_long: bool) -> tuple[Tensor, Tensor]:
@@ -193,6 +219,12 @@ class MinKResult(_SearchFacts):
     k_max: int
     stats_at_min_k: dict[str, Any]
     trace: Trace | None = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return facts_repr("MinKResult", self._facts("min_k", self.min_k, self.stats_at_min_k))
+
+    def _repr_html_(self) -> str:
+        return facts_html("MinKResult", self._facts("min_k", self.min_k, self.stats_at_min_k))
 
 
 def min_k(
@@ -262,6 +294,14 @@ class MinCoverageResult(_SearchFacts):
     k_max: int
     stats_at_min_coverage: dict[str, Any]
     trace: Trace | None = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return facts_repr("MinCoverageResult",
+                          self._facts("min_coverage", self.min_coverage, self.stats_at_min_coverage))
+
+    def _repr_html_(self) -> str:
+        return facts_html("MinCoverageResult",
+                          self._facts("min_coverage", self.min_coverage, self.stats_at_min_coverage))
 
 
 def min_coverage(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,17 +39,30 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, what: str = "the 
     return path
 
 
+def check_writable(folder: str | os.PathLike[str], option: str = "-o") -> None:
+    """Raise `InputError` unless a file can be created in the existing `folder`, before any work: found
+    by creating (and removing) an empty temporary file, which catches what permission bits do not
+    (a read-only file system; root ignores the bits, but not that)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sparsetrace-write-check-", suffix=".tmp")
+    except OSError as exc:
+        raise InputError(f"cannot write to the folder {folder}: {exc.strerror or exc}; choose another {option} path "
+                         "or make the folder writable") from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_json(path: str | os.PathLike[str], value: Any) -> Path:
     return atomic_write(path, (json.dumps(value, indent=1) + "\n").encode(), what="the JSON")
 
 
 def save_figure(figure, path: str | os.PathLike[str], dpi: int = 130) -> Path:
-    """Render a matplotlib Figure to PNG and write it atomically; the figure is closed."""
-    import matplotlib.pyplot as plt
-
+    """Render a matplotlib Figure to PNG and write it atomically, without importing pyplot (`plots`
+    builds figures no backend holds); a figure the caller made with pyplot is closed there."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
-    plt.close(figure)
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close(figure)
     return atomic_write(path, buffer.getvalue(), what="the figure")
 
 

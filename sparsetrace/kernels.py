@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
-
-import torch
-from torch.fx.experimental import _config as shapes
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # torch loads where a kernel runs, not where the command line lists KERNELS
+    import torch
 
 KERNELS = ("auto", "eager", "compile", "flex")
 
@@ -67,4 +68,7 @@ def compiled_version(function: Callable) -> Callable:
     while it compiles: it would tie sizes that happen to be equal on the first call (at 4k tokens,
     64 key blocks and 64 tokens a block) and compile again once a new length parts them.
     """
+    import torch
+    from torch.fx.experimental import _config as shapes
+
     return shapes.patch(use_duck_shape=False)(torch.compile(function, dynamic=True))

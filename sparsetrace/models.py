@@ -32,12 +32,14 @@ import inspect
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
@@ -86,6 +88,9 @@ _GLOBAL_WINDOW_TYPES = frozenset(
 _ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _HUB_FIX = "check the hub id, revision and network (or log in for gated models), or pass a local folder"
+_TRUE = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads HF_HUB_OFFLINE
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+HUB_PROBE_SECONDS = 3  # one connection attempt instead of the hub client's minute of retries
 
 
 def load_model(
@@ -114,21 +119,22 @@ def load_model(
         package = PACKAGED_MODELS[name]
         source = str(_packaged_copy(name, package))
         fix = f"delete the cached copy {source} to convert it again"
-        recorded = f"{package.distribution}=={importlib.metadata.version(package.distribution)}"
+        recorded, hub = f"{package.distribution}=={importlib.metadata.version(package.distribution)}", False
     else:
         source, hub = _resolve_source(name, revision)
+        name = name if hub else source  # a folder's absolute path: readable from any working folder
         fix = _HUB_FIX if hub else "check that the folder holds config.json, the weights and tokenizer.json"
-        recorded = revision
-        config = _from_transformers(AutoConfig.from_pretrained, name, fix, source, revision=revision)
+        config = _from_pretrained(AutoConfig.from_pretrained, name, fix, source, hub, revision=revision)
+        recorded = getattr(config, "_commit_hash", None) or revision  # the commit a hub id (or cache folder) is at
         check_config_supported(config, name)
-    tokenizer = _from_transformers(AutoTokenizer.from_pretrained, name, fix, source, revision=revision)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, fix, source, hub, revision=revision)
     if not getattr(tokenizer, "is_fast", False):
         raise UnsupportedModelError(
             f"{name!r} has no fast tokenizer (tokenizer.json); sparsetrace needs one for character offsets: "
             f"convert it with transformers' convert_slow_tokenizer and save it next to the model"
         )
-    model = _from_transformers(
-        AutoModelForCausalLM.from_pretrained, name, fix, source,
+    model = _from_pretrained(
+        AutoModelForCausalLM.from_pretrained, name, fix, source, hub,
         revision=revision, dtype=torch_dtype, attn_implementation="sdpa", **placement,
     )
     model.eval()
@@ -147,11 +153,12 @@ def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
     if name in PACKAGED_MODELS:
         cached = sorted((cache_dir() / "models").glob(f"{name}-*/tokenizer.json"))
         source = str(cached[-1].parent if cached else _packaged_copy(name, PACKAGED_MODELS[name]))
-        fix = f"delete the cached copy {source} to convert it again"
+        fix, hub = f"delete the cached copy {source} to convert it again", False
     else:
         source, hub = _resolve_source(name, None)
+        name = name if hub else source
         fix = _HUB_FIX if hub else "check that the folder holds tokenizer.json"
-    tokenizer = _from_transformers(AutoTokenizer.from_pretrained, name, fix, source)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, fix, source, hub)
     tokenizer.name_or_path = name
     return tokenizer
 
@@ -434,13 +441,56 @@ def _resolve_source(name: str, revision: str | None) -> tuple[str, bool]:
             raise SparsetraceError(f"revision={revision!r} applies to hub ids only, not to {name!r}")
         if not (path / "config.json").is_file():
             raise SparsetraceError(f"{name!r} has no config.json; pass a folder saved with save_pretrained")
-        return str(path), False
+        return os.path.abspath(path), False
     if path.exists() or not _HUB_ID.fullmatch(name):
         raise SparsetraceError(
             f"{name!r} is neither a model folder nor a hub id; pass an existing folder saved with "
             f"save_pretrained, a hub id like 'org/name', or one of {', '.join(map(repr, PACKAGED_MODELS))}"
         )
     return name, True
+
+
+def _from_pretrained(load: Any, name: str, fix: str, source: str, hub: bool, **kwargs: Any) -> Any:
+    """`_from_transformers`, local files first for a hub id: the Hugging Face cache answers without the
+    network; only what it lacks goes to the hub, and only when the hub can be reached (`_check_hub`)."""
+    if hub:
+        try:
+            return load(source, local_files_only=True, **kwargs)
+        except (OSError, ValueError):
+            _check_hub(name)
+    return _from_transformers(load, name, fix, source, **kwargs)
+
+
+def _check_hub(name: str) -> None:
+    """Refuse at once, naming the ways out, when a hub id is not cached and the hub is out of reach (offline
+    by HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, or no connection within HUB_PROBE_SECONDS), instead of the
+    hub client's retries (a minute or more without a network)."""
+    from huggingface_hub import constants
+
+    offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "").upper() in _TRUE]
+    reason = f"{offline[0]} is set" if offline else _hub_unreachable(constants.ENDPOINT)
+    if reason:
+        raise SparsetraceError(
+            f"{name!r} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and the hub cannot be reached "
+            f"({reason}); pass a local model folder (--model ./folder, saved with save_pretrained), download it "
+            f"where there is a network (HF_HOME moves that cache), or use a packaged model "
+            f"({', '.join(map(repr, PACKAGED_MODELS))}, converted once into {cache_dir()}, which SPARSETRACE_CACHE "
+            "moves)"
+        )
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub's host cannot be reached (one connection attempt), or None when it can, or when a proxy
+    may reach it for us."""
+    if any(os.environ.get(variable) for variable in _PROXIES):
+        return None
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or exc}"
+    return None
 
 
 def _from_transformers(load: Any, name: str, fix: str, source: str, **kwargs: Any) -> Any:

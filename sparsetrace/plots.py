@@ -1,23 +1,31 @@
 """Figures a researcher puts in a paper: one function per figure, each returns a matplotlib Figure.
 
-Uses the non-interactive Agg backend, so figures render on machines without a display.
+Figures are built with matplotlib's object-oriented API (`Figure()`, `fig.subplots`), never pyplot:
+importing sparsetrace or drawing a figure leaves the user's backend and pyplot's figure list alone
+(a notebook keeps its inline backend), and a figure needs no display and no `close`. Such a figure
+renders with `fig.savefig` (`files.save_figure`) or shows itself in Jupyter.
 """
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.cm
+import matplotlib.colors
+import matplotlib.patches
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from .analysis.routes import Route  # noqa: E402
-from .text import shorten  # noqa: E402
+from .analysis.routes import Route
+from .text import shorten
 
 ROUTE_RED = "#d62728"
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs) -> tuple[Figure, object]:
+    """`pyplot.subplots` without pyplot: a Figure of its own that no backend or figure list holds."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def route_figure(
@@ -37,7 +45,7 @@ def route_figure(
         labels: block index -> short text, written under the x axis (the labelled blocks only).
     """
     width = min(max(8.0, blocks * 0.11), 28.0)
-    fig, ax = plt.subplots(figsize=(width, 7.5))
+    fig, ax = _subplots(figsize=(width, 7.5))
     grid_x, grid_y = np.meshgrid(np.arange(blocks), np.arange(layers + 1))
     ax.scatter(grid_x.ravel(), grid_y.ravel(), s=2, color="#cccccc", zorder=1)
     attention, residual, strength = [], [], []
@@ -78,7 +86,7 @@ def reader_heads_figure(matrix: np.ndarray, *, title: str, colorbar: str) -> Fig
         matrix: float [L, H].
     """
     layers, heads = matrix.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * heads + 2.5), max(4.0, 0.22 * layers + 1.5)))
+    fig, ax = _subplots(figsize=(max(4.0, 0.45 * heads + 2.5), max(4.0, 0.22 * layers + 1.5)))
     top = max(float(matrix.max()), 1e-9)
     image = ax.imshow(matrix, aspect="auto", origin="lower", cmap="magma", vmin=0.0, vmax=top)
     ax.set_xticks(range(heads))
@@ -97,7 +105,7 @@ def sweep_figure(cells: list[dict], lengths: list[int], depths: list[float], pan
         cells: dicts with "length", "depth" and the keys of `panels`.
         panels: key -> panel title.
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    fig, axes = _subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, (key, name) in zip(axes[0], panels.items(), strict=True):
         grid = np.full((len(lengths), len(depths)), np.nan)
         for cell in cells:
@@ -128,7 +136,7 @@ def vertical_scores_figure(vertical: np.ndarray, layer: int, highlight: int, *, 
         vertical: float [H, U] (NaN for the last `proximity` units).
     """
     heads, units = vertical.shape
-    fig, ax = plt.subplots(figsize=(min(max(7.0, units * 0.03), 16.0), 3.8))
+    fig, ax = _subplots(figsize=(min(max(7.0, units * 0.03), 16.0), 3.8))
     x = np.arange(units)
     for h in range(heads):
         if h != highlight:
@@ -151,7 +159,7 @@ def kurtosis_figure(kurtosis: np.ndarray, receivers: list[tuple[int, int]]) -> F
         kurtosis: float [L, H] (NaN = excluded, e.g. layer 0).
     """
     layers, heads = kurtosis.shape
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * heads + 3.0), max(4.0, 0.22 * layers + 1.5)))
+    fig, ax = _subplots(figsize=(max(4.5, 0.45 * heads + 3.0), max(4.0, 0.22 * layers + 1.5)))
     image = ax.imshow(np.ma.masked_invalid(kurtosis), aspect="auto", origin="lower", cmap="viridis")
     if receivers:
         ax.scatter([h for _, h in receivers], [layer for layer, _ in receivers], marker="o", s=40,
@@ -174,7 +182,7 @@ def unit_attention_figure(matrix: np.ndarray, categories: list[str] | None = Non
         matrix: float [U, U], lower triangular.
     """
     units = matrix.shape[0]
-    fig, ax = plt.subplots(figsize=(6.5, 5.8))
+    fig, ax = _subplots(figsize=(6.5, 5.8))
     positive = matrix[matrix > 0]
     low = float(np.percentile(positive, 5)) if positive.size else 1e-6
     shown = np.ma.masked_less_equal(matrix, 0.0)
@@ -198,7 +206,7 @@ def anchor_categories_figure(categories: list[str], positions: list[float], scor
                              source: str = "") -> Figure:
     """Mean receiver-head score per category against its mean relative position in the trace
     (marker size = number of units), as the paper's category panel."""
-    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    fig, ax = _subplots(figsize=(7.0, 4.6))
     names = sorted(set(categories))
     for name in names:
         pairs = [(p, s) for c, p, s in zip(categories, positions, scores, strict=True) if c == name and s is not None]
@@ -226,7 +234,7 @@ def salience_figure(result, *, title: str = "", top: int = 10) -> Figure:
     selected = result.aggregate("selected", "mean")
     local, sink = result.aggregate("local", "mean"), result.aggregate("sink", "mean")
     starts = np.arange(len(selected)) * result.block_k
-    fig = plt.figure(figsize=(13.0, 6.2))
+    fig = Figure(figsize=(13.0, 6.2))
     grid = fig.add_gridspec(2, 2, width_ratios=[3.2, 1.25], height_ratios=[3, 1.2], wspace=0.04, hspace=0.08)
     ax, forced, listing = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[:, 1])
     ranked = result.readers["selected"] >= result.min_readers
@@ -274,10 +282,10 @@ def salience_layers_figure(result, *, title: str = "") -> Figure:
     """
     matrix = result.per_layer("selected", "mean")  # [L, n_k]
     layers = matrix.shape[0]
-    fig, ax = plt.subplots(figsize=(11.0, max(3.5, 0.16 * layers + 1.8)))
+    fig, ax = _subplots(figsize=(11.0, max(3.5, 0.16 * layers + 1.8)))
     finite = matrix[np.isfinite(matrix)]
     top = float(np.quantile(finite, 0.995)) if finite.size else 1.0
-    cmap = plt.get_cmap("magma").with_extremes(bad="#e8e8e8")
+    cmap = colormaps["magma"].with_extremes(bad="#e8e8e8")
     image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", origin="lower", cmap=cmap, vmin=0.0,
                       vmax=max(top, 1e-9), interpolation="nearest",
                       extent=(0, matrix.shape[1] * result.block_k, -0.5, layers - 0.5))
@@ -320,7 +328,7 @@ def attribution_figure(context: str, spans: list[tuple[int, int]], scores: np.nd
     finite = values[np.isfinite(values)]
     norm = matplotlib.colors.Normalize(vmin=min(float(finite.min()) if finite.size else 0.0, 0.0),
                                        vmax=max(float(finite.max()) if finite.size else 0.0, 1e-12))
-    cmap = plt.get_cmap("YlOrRd")
+    cmap = colormaps["YlOrRd"]
     order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[:top]
     rank = {int(j): r + 1 for r, j in enumerate(order) if np.isfinite(values[j])}
     owner = np.full(len(context) + 1, -1)
@@ -331,7 +339,7 @@ def attribution_figure(context: str, spans: list[tuple[int, int]], scores: np.nd
     margin, label_w, bar_w = 0.25, 1.1, 0.15
     text_h = max(len(lines), 1) * line_height
     fig_w, fig_h = margin + text_w + label_w + bar_w + 0.95, max(text_h + 0.75 + (0.2 if cut_lines else 0), 1.6)
-    fig = plt.figure(figsize=(fig_w, fig_h))
+    fig = Figure(figsize=(fig_w, fig_h))
     bottom = (fig_h - 0.55 - text_h) / fig_h
     ax = fig.add_axes([margin / fig_w, bottom, text_w / fig_w, text_h / fig_h])
     ax.set_xlim(0, 1)
@@ -370,13 +378,12 @@ def suppression_figure(effects: np.ndarray, causal_scores: np.ndarray, receiver_
                        forward: str = "", title: str = "") -> Figure:
     """The attention-suppression matrix (row i suppressed, column j affected; log colour scale) and a
     scatter of each unit's causal score against its receiver-head score, with their Spearman correlation."""
-    import matplotlib.colors
     from scipy import stats
 
     effects = np.asarray(effects, dtype=np.float64)
     causal = np.asarray(causal_scores, dtype=np.float64)
     receiver = np.asarray(receiver_scores, dtype=np.float64)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, (left, right) = _subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.1, 1]})
     positive = effects[effects > 0]
     shown = np.where(effects > 0, effects, np.nan)
     if positive.size:
@@ -415,7 +422,7 @@ def knockout_figure(per_n: list[dict], *, title: str = "",
     import textwrap
 
     ns = [row["n"] for row in per_n]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = _subplots(1, 2, figsize=(9, 3.4))
     panels = (("accuracy", "RULER accuracy (string match)", 1.0), ("drop", "answer log-prob drop (nats)", None))
     for ax, (key, label, top_limit) in zip(axes, panels, strict=True):
         ax.errorbar(ns, [row[f"top_{key}"] for row in per_n], yerr=[row.get(f"top_{key}_std", 0) for row in per_n],

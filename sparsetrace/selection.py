@@ -8,6 +8,7 @@ the same thing in each. Pure integer bookkeeping on tensors: no scores are compu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,32 @@ def searched_range(first: Tensor, last: Tensor, config: StreamConfig) -> tuple[T
     (`blocks.row_key_range`) without the forced ones (the first `sinks` blocks, the last `local`).
     Empty where hi < lo."""
     return torch.clamp(first, min=config.sinks), last - config.local
+
+
+def selectable_blocks(tokens: int, config: StreamConfig) -> int:
+    """The most key blocks any row of a `tokens`-token input can select on top of its forced ones (at
+    least 1): n_k - sinks - local with "row" partitions (a row's own causal range), n_k - sinks with
+    "global" ones (branches split the whole key axis, the local blocks' range included)."""
+    forced = config.sinks + (config.local if config.partition == "row" else 0)
+    return max(1, num_blocks(tokens, config.block_k) - forced)
+
+
+def fit_to_input(tokens: int, config: StreamConfig) -> StreamConfig:
+    """`config` with its budget clamped to the blocks a `tokens`-token input has: k (and k_max, k_min,
+    beam) above `selectable_blocks` become it. The selection is the same (a row keeps every candidate
+    either way), but a width of sinks + k + local with a huge k would pad every row of the trace
+    and the search's buffers to it. The same config when nothing exceeds the blocks.
+
+    `select_blocks` selects with it, and `tracer.run_trace` records it, so a trace's `kept_width`
+    is its own; traces saved before the clamp keep their recorded (wider) k and load as they are.
+    """
+    cap = selectable_blocks(tokens, config)
+    changes = {}
+    if config.k > cap:
+        changes |= {"k": cap, "beam": min(config.beam, 2 * cap)}
+    if config.coverage is not None and config.k_max > cap:
+        changes |= {"k_max": cap, "k_min": min(config.k_min, cap)}
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 @torch.compiler.disable
@@ -77,7 +104,8 @@ def row_budgets(tokens: int, config: StreamConfig) -> Tensor:
 
 
 def kept_width(tokens: int, config: StreamConfig) -> int:
-    """K, the last dimension of a selection: sinks + the largest row budget + local."""
+    """K, the last dimension of a selection: sinks + the largest row budget + local. (`select_blocks`
+    selects with `fit_to_input(tokens, config)`, whose width this is.)"""
     budget = row_budgets(tokens, config)
     return config.sinks + (int(budget.max()) if budget.numel() else config.k) + config.local
 

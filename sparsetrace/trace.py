@@ -19,14 +19,20 @@ File format, version "2": one safetensors file. Tensors `token_ids` [T] int32, `
 float32 when present. Version "1" (before coverage budgets) is the same without coverage tensors
 and still loads. Metadata (strings): `format` = "sparsetrace", `format_version`, `config` (JSON of
 StreamConfig.to_dict()), `model` (JSON of model_info), `extra` (JSON), `created_with`
-("sparsetrace <version>"), `created` (UTC ISO time), and `sha256`: hex digest over every tensor in
-sorted name order of its name's UTF-8 bytes, a zero byte, then its raw little-endian bytes.
+("sparsetrace <version>"), `created` (UTC ISO time), `sha256`: hex digest over every tensor in
+sorted name order of its name's UTF-8 bytes, a zero byte, then its raw little-endian bytes, and
+`metadata_sha256`: hex digest over every other metadata entry (`sha256` included) in sorted key
+order, of the key's UTF-8 bytes, a zero byte, the value's UTF-8 bytes, a zero byte. Files written
+before `metadata_sha256` existed still load, with a note (`SparsetraceWarning`) that their header
+is unverified.
 
 Why: safetensors never unpickles, so opening a colleague's trace cannot run code; the version key
-lets a later format be refused with a clear message instead of misread; the checksum catches damaged
-data that still parses; and `save` writes a temporary file in the target folder, fsyncs it and
-renames it into place, so a crash never leaves a half-written trace under the real name. Construction
-and loading share one validator, so whatever loads is a trace the analyses can trust.
+lets a later format be refused with a clear message instead of misread; the checksums catch damaged
+data that still parses and an edited header (a model, revision or tokenizer name that would load as
+genuine and decode the tokens with the wrong vocabulary); and `save` writes a temporary file in the
+target folder, fsyncs it and renames it into place, so a crash never leaves a half-written trace
+under the real name. Construction and loading share one validator, so whatever loads is a trace the
+analyses can trust.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import importlib.metadata
 import json
 import os
 import re
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,7 +54,7 @@ from torch import Tensor
 
 from .blocks import num_blocks, row_key_range
 from .config import StreamConfig
-from .errors import ConfigError, InputError, TraceFileError
+from .errors import ConfigError, InputError, SparsetraceWarning, TraceFileError
 from .files import atomic_write
 from .selection import kept_width
 
@@ -283,12 +290,19 @@ class Trace:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "sha256": _checksum(tensors),
         }
+        metadata["metadata_sha256"] = _metadata_checksum(metadata)
         return atomic_write(path, safetensors.torch.save(tensors, metadata=metadata), what="the trace")
 
     def __repr__(self) -> str:
         c = self._config
         return (f"Trace(tokens={self.num_tokens}, layers={self.num_layers}, heads={self.num_heads}, "
                 f"k={c.k}, block={c.block_q}/{c.block_k})")
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the summary and the interactive viewer (`notebook.trace_html`)."""
+        from .notebook import trace_html
+
+        return trace_html(self)
 
     def _last_key_block(self) -> Tensor:
         """int64 [n_q]: last(i), the last causal key block of each query block."""
@@ -347,6 +361,13 @@ def _load(path: Path) -> Trace:
         raise TraceFileError(f"{path}: has no checksum (metadata key 'sha256'); {_FIX}")
     if metadata["sha256"] != _checksum(tensors):
         raise TraceFileError(f"{path}: checksum mismatch, the tensor data is damaged; {_FIX}")
+    if "metadata_sha256" not in metadata:
+        warnings.warn(f"{path} was written before traces checksummed their header (model, tokenizer, config); it "
+                      "loads, but its header is unverified: re-create it with `sparsetrace trace` to have it covered",
+                      SparsetraceWarning, stacklevel=3)
+    elif metadata["metadata_sha256"] != _metadata_checksum(metadata):
+        raise TraceFileError(f"{path}: header checksum mismatch, its metadata (model, tokenizer, config, ...) was "
+                             f"edited or damaged; {_FIX}")
     num_layers, has_coverage = _check_tensor_names(path, set(tensors))
     return Trace(
         token_ids=tensors["token_ids"],
@@ -504,6 +525,15 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         digest.update(name.encode() + b"\0")
         digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _metadata_checksum(metadata: dict[str, str]) -> str:
+    """sha256 over every metadata entry but `metadata_sha256` in sorted key order: key, a zero byte,
+    value, a zero byte."""
+    digest = hashlib.sha256()
+    for key in sorted(set(metadata) - {"metadata_sha256"}):
+        digest.update(key.encode() + b"\0" + metadata[key].encode() + b"\0")
     return digest.hexdigest()
 
 

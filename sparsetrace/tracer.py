@@ -3,7 +3,10 @@
 Every attention layer selects its blocks with Stream, attends only to them and reports its
 selection and block masses; the tracer keeps them (on the CPU, int32/float32) and the sparse
 model's last-position logits. Before any work it checks the input: not empty, within the
-model's context (or explicitly allowed past it), and within the machine's free memory.
+model's context (or explicitly allowed past it), in blocks no longer than itself, and within the
+machine's free memory. A k above the blocks the input has is clamped to them (the same selection,
+without padding every row to k) with a note, a `SparsetraceWarning`, which the CLI prints as one
+line; the trace records the k it used.
 
 >>> tr = trace(model, tokenizer, "Some long text ...", StreamConfig(k=8))   # doctest: +SKIP
 >>> tr.stats()["sparsity"]                                                     # doctest: +SKIP
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import torch
 from torch import Tensor
@@ -21,13 +25,15 @@ from tqdm.auto import tqdm
 from .backend import LayerCallback, LayerRecord, ProbabilityCallback, sparse_attention
 from .blocks import num_blocks
 from .config import StreamConfig
-from .errors import InputError, MemoryRequestError, UnsupportedModelError
+from .errors import InputError, MemoryRequestError, SparsetraceWarning, UnsupportedModelError
 from .models import describe_model, execution_devices, forward_logits, forward_sizes
-from .selection import kept_width
+from .selection import fit_to_input, kept_width, selectable_blocks
 from .trace import Trace
 
 # Inputs at least this long get a progress bar over layers by default.
 PROGRESS_MIN_TOKENS = 2048
+# Blocks up to the default size are fine on shorter inputs (one partial block); longer ones must fit the input.
+LONGEST_SHORT_BLOCK = StreamConfig().block_size
 
 
 def trace(
@@ -60,7 +66,8 @@ def trace(
             the fastest for the device), "eager" (the reference), "compile" or "flex"; the same trace.
     Returns:
         the `Trace`: per layer the kept blocks and their masses, the token ids, the model's
-        next-token logits.
+        next-token logits; its `config` is `config` with k clamped to the input's blocks
+        (`selection.fit_to_input`), the budget actually used.
     """
     config = config or StreamConfig()
     ids = prepare_input(model, tokenizer, text, input_ids, config, max_tokens=max_tokens, allow_long=allow_long,
@@ -80,17 +87,25 @@ def prepare_input(
     forward: str = "sparse",
     continuation: int = 0,
 ) -> Tensor:
-    """The input as int64 [T], refused early when empty, too long or too big for free memory.
+    """The input as int64 [T], refused early when empty, too long, cut into blocks longer than itself
+    or too big for free memory.
 
     `continuation`: positions a later pass appends (a teacher-forced answer); the prompt and they
-    must fit the context together, checked now rather than after the dense work.
+    must fit the context together, checked now rather than after the dense work. Notes (a
+    `SparsetraceWarning` each): an input cut by `max_tokens`, a k clamped to the blocks that exist
+    (`selection.fit_to_input`; the trace records the k it used).
     """
     ids = _token_ids(tokenizer, text, input_ids)
     if max_tokens is not None:
         if max_tokens < 1:
             raise InputError(f"max_tokens={max_tokens}; use a positive number of tokens")
+        if len(ids) > max_tokens:
+            warnings.warn(f"the input is {len(ids):,} tokens; kept the first {max_tokens:,} (max_tokens / "
+                          "--max-tokens)", SparsetraceWarning, stacklevel=2)
         ids = ids[:max_tokens]
     _check_length(len(ids), describe_model(model).get("max_positions"), allow_long, continuation)
+    _check_blocks(len(ids), config)
+    _note_clamped_budget(len(ids) + continuation, config)
     check_memory(model, len(ids) + continuation, config, forward=forward)
     return ids
 
@@ -123,6 +138,7 @@ def run_trace(
         the `Trace`, and float32 [logits_to_keep, vocab] logits of the last positions.
     """
     info = describe_model(model)
+    config = fit_to_input(len(ids), config)  # what the layers select with, so what the trace records
     num_layers = info["num_layers"]
     indices: list[Tensor | None] = [None] * num_layers
     masses: list[Tensor | None] = [None] * num_layers
@@ -200,25 +216,57 @@ def _check_length(tokens: int, context: int | None, allow_long: bool, continuati
     )
 
 
+def _check_blocks(tokens: int, config: StreamConfig) -> None:
+    """Refuse blocks longer than the input (and than the default block): they would only pad it, to
+    as many tokens as a block holds in every layer's buffers."""
+    longest = max(tokens, LONGEST_SHORT_BLOCK)
+    for name in ("block_q", "block_k"):
+        size = getattr(config, name)
+        if size > longest:
+            raise InputError(
+                f"{name}={size:,} tokens is longer than the {tokens:,}-token input, which it would pad to {size:,} "
+                f"tokens; use blocks of at most {longest:,} tokens (--block-size, e.g. 64)"
+            )
+
+
+def _note_clamped_budget(tokens: int, config: StreamConfig) -> None:
+    """Say once that a budget beyond the input's blocks is clamped (`selection.fit_to_input`)."""
+    fitted = fit_to_input(tokens, config)
+    if fitted == config:
+        return
+    asked, used = (config.k, fitted.k) if fitted.k != config.k else (config.k_max, fitted.k_max)
+    name = "k" if fitted.k != config.k else "k_max"
+    warnings.warn(
+        f"{name}={asked:,} is more than the {selectable_blocks(tokens, config):,} key blocks a row of this "
+        f"{tokens:,}-token input can select ({num_blocks(tokens, config.block_k):,} blocks of {config.block_k} "
+        f"tokens); every row keeps all it can, and the trace records {name}={used:,}",
+        SparsetraceWarning, stacklevel=3,
+    )
+
+
 def estimate_memory(model, tokens: int, config: StreamConfig, forward: str = "sparse") -> int:
     """Bytes a trace of `tokens` tokens needs beyond the loaded weights (a deliberate over-estimate).
 
     Peak activations of one layer (hidden states, q/k/v, MLP intermediate), the estimator's and
-    block attention's bounded chunks, and the trace itself; nothing grows as T^2 in a sparse
-    trace. A dense-forward trace adds the model's own attention mask (T^2 bytes on sliding-window
-    layers) and one layer's dense block masses.
+    block attention's chunks, and the trace itself; nothing grows as T^2 in a sparse trace. The
+    block buffers count padding: q/k/v cut into blocks are padded to whole blocks, and one chunk
+    holds at least one query block's scores over its K kept key blocks, [H, block_q, K * block_k]
+    float32, with its probabilities and masks. A dense-forward trace adds the model's own attention
+    mask (T^2 bytes on sliding-window layers) and one layer's dense block masses.
     """
     info = describe_model(model)
     heads = info["num_heads"]
     sizes = forward_sizes(model)
     qkv = 4 * (heads + 2 * info["num_kv_heads"]) * info["head_dim"]
     per_token = 8 * sizes["hidden"] + 4 * sizes["intermediate"] + qkv
-    activations = tokens * per_token * sizes["element_bytes"]
-    n_q = num_blocks(tokens, config.block_q)
-    stored = info["num_layers"] * heads * n_q * kept_width(tokens, config) * 8
+    n_q, width = num_blocks(tokens, config.block_q), kept_width(tokens, fit_to_input(tokens, config))
+    padded = max(n_q * config.block_q, num_blocks(tokens, config.block_k) * config.block_k)
+    activations = (tokens * per_token + (padded - tokens) * qkv) * sizes["element_bytes"]
+    chunk = 4 * 4 * max(1 << 20, heads * config.block_q * width * config.block_k)  # scores, probs, masks
+    stored = info["num_layers"] * heads * n_q * width * 8
     if forward == "dense":
         stored += tokens * tokens + 2 * heads * n_q * num_blocks(tokens, config.block_k) * 4
-    return activations + stored + (512 << 20)
+    return activations + chunk + stored + (512 << 20)
 
 
 def available_memory() -> int:
@@ -245,5 +293,6 @@ def check_memory(model, tokens: int, config: StreamConfig, forward: str = "spars
     if need > have:
         raise MemoryRequestError(
             f"tracing {tokens:,} tokens needs about {need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB is "
-            "available; shorten the input (max_tokens / --max-tokens) or free memory"
+            "available; shorten the input (max_tokens / --max-tokens), use smaller blocks (--block-size) or free "
+            "memory"
         )

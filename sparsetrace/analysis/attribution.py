@@ -30,11 +30,13 @@ import torch
 from torch import Tensor
 
 from ..blocks import num_blocks
+from ..choices import ATTRIBUTION_METHODS, DEFAULT_METHOD, SOURCE_KINDS
 from ..errors import InputError
 from ..text import anchored_token_spans, chars_of_tokens, token_anchors
+from .head_weights import HeadWeights
 from .segments import paragraph_spans, sentence_spans
 
-SOURCE_KINDS = ("sentences", "paragraphs", "blocks")
+LEARNED = "learned"  # AT2's per-head weights (`head_weights`), not a pure function of the mass
 
 
 @dataclass
@@ -192,22 +194,21 @@ def focused_score(mass: np.ndarray, num_tokens: np.ndarray) -> np.ndarray:
     return (weight[..., None] * mass).sum(axis=(0, 1)) / weight.sum()
 
 
-# The default: the largest head per layer, mean over layers. On the first measurements (tests/integration
-# test_attribution_default: 4 fact questions x dense and k = 2; benchmarks/attribution's first examples) it
-# ranked the supporting sentence first in every case where "mean" ranked it 1st-5th, and had the best LDS of
-# the four on the natural text (0.38 vs 0.17): a few retrieval heads read the support, the other heads'
-# mass on the template and recent tokens dilutes a mean over heads.
-DEFAULT_METHOD = "max_head"
-METHODS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "mean": mean_score,
-    "mean_per_token": mean_per_token_score,
-    "max_head": max_head_score,
-    "focused": focused_score,
-}
+# Keyed by the names in `choices` (the command line lists them without importing numpy); DEFAULT_METHOD's
+# reasons are there too.
+METHODS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = dict(
+    zip(ATTRIBUTION_METHODS, (mean_score, mean_per_token_score, max_head_score, focused_score), strict=True))
 
 
-def aggregate(mass: np.ndarray, num_tokens: np.ndarray | list[int], method: str = DEFAULT_METHOD) -> np.ndarray:
-    """float64 [n]: one score per source from mass [L, H, n] by `method` (a key of `METHODS`)."""
+def aggregate(mass: np.ndarray, num_tokens: np.ndarray | list[int], method: str = DEFAULT_METHOD,
+              head_weights: HeadWeights | None = None) -> np.ndarray:
+    """float64 [n]: one score per source from mass [L, H, n] by `method`: a key of `METHODS`, or
+    "learned" (the weighted sum over heads of `head_weights`, `head_weights.HeadWeights`)."""
+    if method == LEARNED:
+        if head_weights is None:
+            raise InputError("method 'learned' needs head weights for the model: the package's (default model) or "
+                             "a file from `sparsetrace attribute-fit` (--head-weights FILE)")
+        return head_weights.scores(mass)
     if method not in METHODS:
-        raise InputError(f"method={method!r}; use one of {', '.join(METHODS)}")
+        raise InputError(f"method={method!r}; use one of {', '.join([*METHODS, LEARNED])}")
     return np.asarray(METHODS[method](np.asarray(mass, dtype=np.float64), np.asarray(num_tokens)), dtype=np.float64)

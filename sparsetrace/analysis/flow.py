@@ -13,13 +13,15 @@ edges). `read_flow_graphml` turns a GraphML file back into the route's (layer, b
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
-from ..errors import InputError
+from ..errors import InputError, SparsetraceWarning
+from ..notebook import facts_html, facts_repr
 from ..text import shorten
 from ..trace import Trace
 from .routes import DEFAULT_THRESHOLD, Route, blocks_of, flow_graph, route
@@ -78,6 +80,20 @@ class Flow:
             "edges": self.edges(),
         }
 
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows: both spans, the rule and the route's size."""
+        attention = len(self.route.attention_edges())
+        return {"source": _span_text(self.source), "target": _span_text(self.target), "min_flow": self.min_flow,
+                "connected": self.route.connected, "attention_edges": attention,
+                "residual_edges": self.route.graph.number_of_edges() - attention}
+
+    def __repr__(self) -> str:
+        return facts_repr("Flow", self._facts())
+
+    def _repr_html_(self) -> str:
+        return facts_html("Flow", self._facts(), note="edges on a path from the source's blocks to the target's "
+                          "that carry at least min_flow of the source's content")
+
     def to_graphml(self) -> bytes:
         """The route as GraphML (module docstring): scalar attributes only."""
         graph = nx.DiGraph(layers=self.route.graph.graph["layers"], blocks=self.route.graph.graph["blocks"],
@@ -110,12 +126,19 @@ def flow(
         text: the trace's text (`spans.trace_text`), needed for chars: and search spans.
         min_flow: smallest share of the source's content an edge carries (`routes.route`); 0 keeps
             every edge on any path.
+
+    Flow runs forward only (a token reads earlier ones): a source that starts at or after the
+    target's end gets a `SparsetraceWarning` saying so, besides its route's "not connected".
     """
     if isinstance(min_flow, bool) or not isinstance(min_flow, int | float) or not 0 <= min_flow <= 1:
         raise InputError(f"min_flow={min_flow!r}: a flow is a share of attention; use a value in [0, 1]")
     src = parse_span(source, trace.num_tokens, text)
     last = (trace.num_tokens - 1, trace.num_tokens)
     dst = parse_span(target if target is not None else last, trace.num_tokens, text)
+    if src.start >= dst.end:
+        warnings.warn(f"flow runs forward only (a token reads earlier ones), and the source (tokens {src.start}-"
+                      f"{src.end}) comes after the target (tokens {dst.start}-{dst.end}); swap --from and --to "
+                      "(source and target) to follow it", SparsetraceWarning, stacklevel=2)
     graph = flow_graph(trace)  # checks block_q == block_k
     block = trace.config.block_q
     found = route(graph, blocks_of(src.tokens, block), blocks_of(dst.tokens, block), min_flow=min_flow)
@@ -171,3 +194,8 @@ def _xml(text: str) -> str:
 def _blocks(blocks: list[int]) -> str:
     listed = f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 2 else ", ".join(map(str, blocks))
     return ("blocks " if len(blocks) > 1 else "block ") + listed
+
+
+def _span_text(span: Span) -> str:
+    """`tokens A-B` and the span's text, shortened: how a notebook names a span."""
+    return f"tokens {span.start}-{span.end}" + (f" {shorten(span.text, 40)!r}" if span.text else "")

@@ -17,11 +17,13 @@ so a route may also require each edge to carry a minimum flow of the sources' co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import networkx as nx
 import numpy as np
 
 from ..errors import InputError
+from ..notebook import facts_html, facts_repr
 from ..trace import Trace
 
 # Route edges carry at least this much of the needle's content by default (mass x content of the
@@ -82,6 +84,19 @@ class Route:
         """The route's attention edges (residual edges left out), largest flow first."""
         edges = [(u, v, d) for u, v, d in self.graph.edges(data=True) if not d["residual"]]
         return sorted(edges, key=lambda e: -e[2]["flow"])
+
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows."""
+        attention = len(self.attention_edges())
+        return {"sources": self.sources, "targets": self.targets, "connected": self.connected,
+                "attention_edges": attention, "residual_edges": self.graph.number_of_edges() - attention}
+
+    def __repr__(self) -> str:
+        return facts_repr("Route", self._facts())
+
+    def _repr_html_(self) -> str:
+        return facts_html("Route", self._facts(), note="blocks at layer 0 (sources) and after the last layer "
+                          "(targets); edges on some path between them")
 
 
 def route(graph: nx.DiGraph, sources: list[int], targets: list[int], *, min_flow: float = 0.0) -> Route:
@@ -170,6 +185,23 @@ class NeedleRoute:
                 for layer, row in enumerate(self.readers) if (row > 0).any()
             },
         }
+
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows; top readers: the 3 heads whose answer blocks put the most
+        mass on the needle blocks, (layer, head, mass)."""
+        top = np.argsort(-self.readers, axis=None, kind="stable")[:3]
+        readers = [(int(layer), int(head), float(self.readers[layer, head]))
+                   for layer, head in zip(*np.unravel_index(top, self.readers.shape), strict=True)]
+        return {"needle_blocks": self.needle_blocks, "answer_blocks": self.answer_blocks,
+                "threshold": self.threshold, "connected": self.route.connected,
+                "attention_edges": len(self.route.attention_edges()), "top_readers": readers}
+
+    def __repr__(self) -> str:
+        return facts_repr("NeedleRoute", self._facts())
+
+    def _repr_html_(self) -> str:
+        return facts_html("NeedleRoute", self._facts(), note="top readers: (layer, head, mass the answer blocks put "
+                          "on the needle blocks)")
 
 
 def needle_route(

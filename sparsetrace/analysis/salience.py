@@ -27,6 +27,7 @@ of its blocks' means.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ from typing import Any
 import numpy as np
 
 from ..blocks import row_key_range
-from ..errors import InputError
+from ..errors import InputError, SparsetraceWarning
+from ..notebook import facts_html, facts_repr
+from ..text import shorten
 from ..trace import Trace
 from .spans import TraceText
 
@@ -107,6 +110,23 @@ class Salience:
         out["per_head_note"] = "per_head_total[kind][layer][head][block]; the mean is it divided by the block's readers"
         return out
 
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows: sizes and the most-read block."""
+        layers, heads, blocks = self.total["selected"].shape
+        best = self.top[0] if self.top else None
+        return {"tokens": self.num_tokens, "layers_x_heads": f"{layers} x {heads}", "key_blocks": blocks,
+                "block_k": self.block_k, "units": None if self.units is None else len(self.units),
+                "top_block": None if best is None else (best["block"], best["selected_mean"])}
+
+    def __repr__(self) -> str:
+        return facts_repr("Salience", self._facts())
+
+    def _repr_html_(self) -> str:
+        rows = [{"rank": row["rank"], "tokens": tuple(row["tokens"]), "selected_mean": row["selected_mean"],
+                 "text": shorten(row["text"] or "", 90)} for row in self.top[:5]]
+        return facts_html("Salience", self._facts(), rows, rows_title="most-read key blocks (selected mass per "
+                          "possible reader, mean over layers and heads)")
+
 
 def salience(
     trace: Trace,
@@ -123,7 +143,8 @@ def salience(
         units: token spans (a, b), objects with `token_start`/`token_end` (`segments.Unit`) or dicts
             with "tokens": [a, b]; default: `trace.extra["units"]` when the trace carries them.
         top: how many blocks (and units) to rank.
-        min_readers: blocks with fewer candidate query blocks are not ranked.
+        min_readers: blocks with fewer candidate query blocks are not ranked; when that leaves none,
+            a `SparsetraceWarning` says so (an empty list is otherwise indistinguishable from no data).
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise InputError(f"top={top!r}; give a positive number of spans to list")
@@ -148,6 +169,11 @@ def salience(
         block_text = {j: text.of_tokens(j * config.block_k, (j + 1) * config.block_k) for j in range(blocks)}
     result = Salience(total, mean, readers, config.block_k, trace.num_tokens, min_readers, block_text)
     result.top = _rank(result, top)
+    most = int(readers["selected"].max(initial=0))
+    if not result.top and most < min_readers:
+        warnings.warn(f"no key block ranks: min_readers={min_readers:,} (--min-readers), but the most query blocks "
+                      f"that can select any one block is {most:,}; give a lower number to rank blocks",
+                      SparsetraceWarning, stacklevel=2)
     spans = _unit_spans(trace, units)
     if spans is not None:
         result.units = _unit_salience(result, spans, text)

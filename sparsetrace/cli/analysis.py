@@ -7,7 +7,6 @@ import json
 import sys
 
 from ..errors import InputError
-from ..text import shorten
 from .common import output_folder, subcommand
 
 SALIENCE_EXAMPLES = """examples:
@@ -73,7 +72,7 @@ def run_salience(args: argparse.Namespace) -> None:
     if args.top < 1 or args.min_readers < 1:
         raise InputError("--top and --min-readers take positive numbers")
     trace = load_trace(args.trace)
-    folder = output_folder(args.output)
+    output_folder(args.output, create=False)  # created once the analysis is done: a refusal leaves none
     text, tokenizer, note = _text(trace, args.tokenizer, required=args.units is not None)
     units = None
     if args.units is not None:
@@ -85,7 +84,7 @@ def run_salience(args: argparse.Namespace) -> None:
                              "not here; leave --units out (block salience still works)")
         units = split
     result = salience(trace, text=text, units=units, top=args.top, min_readers=args.min_readers)
-    paths = save_salience(result, folder)
+    paths = save_salience(result, output_folder(args.output))
     if note:
         print(note, file=sys.stderr)
     if args.json:
@@ -115,11 +114,11 @@ def run_flow(args: argparse.Namespace) -> None:
     if not 0 <= min_flow <= 1:
         raise InputError(f"--min-flow {min_flow}: a flow is a share of attention; use a value in [0, 1]")
     trace = load_trace(args.trace)
-    folder = output_folder(args.output)
+    output_folder(args.output, create=False)  # created once the spans are found: a refusal leaves none
     needs_text = any(s is not None and not s.startswith("tokens:") for s in (args.source, args.target))
     text, _, note = _text(trace, args.tokenizer, required=needs_text)
     result = flow(trace, args.source, args.target, text=text, min_flow=min_flow)
-    paths = save_flow(result, folder)
+    paths = save_flow(result, output_folder(args.output))
     summary = result.to_dict()
     if note:
         print(note, file=sys.stderr)
@@ -148,9 +147,11 @@ def _text(trace, name: str | None, *, required: bool):
     except InputError as error:
         if required or name is not None:
             raise
-        return None, None, f"note: no text ({error}); showing token ranges only"
+        return None, None, f"sparsetrace: note: no text ({error}); showing token ranges only"
     return trace_text(trace, tokenizer), tokenizer, None
 
 
 def _quote(text: str | None, width: int = 70) -> str:
+    from ..text import shorten
+
     return "" if text is None else repr(shorten(text, width))

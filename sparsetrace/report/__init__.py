@@ -1,10 +1,13 @@
 """A self-contained HTML report of a trace: summary, fidelity, a per layer/head block map, results.
 
 One file with everything inline (no network, no CDN): `viewer.html` is the page, `viewer.css` and
-`viewer.js` are pasted into it, and the data go in a JSON script element (`data.py` describes the
-blob). Its size grows with the trace, L x H x n_q x K, not with T^2, so an 8k-token trace of the
-default model gives a report of about 1.5 MB and a 32k-token one stays responsive: the page draws
-one n_k x n_q image per layer/head change and finds the block under the mouse by arithmetic.
+the scripts (`SCRIPTS`, pasted in order into one function scope) go into it, and the data go in a
+JSON script element (`data.py` describes the blob). Its size grows with the trace, L x H x n_q x K,
+not with T^2, so an 8k-token trace of the default model gives a report of about 1.5 MB and a
+32k-token one stays responsive: the page draws one image of (key x query units) per layer, head or
+units change and finds the cell under the mouse by arithmetic. The units are the trace's blocks,
+or sentences and paragraphs (`segments.py`'s, computed here), whose reads the page sums from the
+blocks' masses (viewer.units.js says how).
 
 >>> import sparsetrace as st                                            # doctest: +SKIP
 >>> st.report("run.sptrace", "report.html")                             # doctest: +SKIP
@@ -17,20 +20,23 @@ import html
 import json
 import math
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, SparsetraceError
+from ..errors import InputError, SparsetraceError, SparsetraceWarning
 from ..files import atomic_write
 from ..text import recorded_tokenizer
 from ..trace import Trace, load_trace
-from .data import block_texts, encode_blocks, summary
+from .data import block_texts, encode_blocks, summary, text_units
 
 FIDELITY_KEYS = ("tokens", "config", "recall", "oracle_recall", "recall_ratio", "recall_per_head",
                  "oracle_recall_per_head", "match", "kl_next_token", "kl_mean", "top1_agreement")
 AUTO = "auto"
 ATTRIBUTION_ROWS = 20  # top sources an attribution table shows
+# the page's scripts: the map and its selection, units (blocks, sentences, paragraphs), tables, PNG export
+SCRIPTS = ("viewer.js", "viewer.units.js", "viewer.tables.js", "viewer.export.js")  # package data: viewer.*
 
 
 def build_report(
@@ -56,15 +62,18 @@ def build_report(
     unknown = set(extras) - {"fidelity", "figures", "tables", "attribution"}
     if unknown:
         raise InputError(f"unknown report extras {sorted(unknown)}; use fidelity, figures, tables or attribution")
-    texts, note = _texts(trace, tokenizer)
+    tokenizer, note = _tokenizer(trace, tokenizer)
+    units, units_note = text_units(trace, tokenizer) if tokenizer is not None else (None, note)
     facts = summary(trace)
     facts_of_run = {key: value for key, value in trace.extra.items() if not isinstance(value, dict | list)}
     results = {key: value for key, value in trace.extra.items() if key != "niah" and key not in facts_of_run}
     blob = {
         "summary": facts,
         "blocks": encode_blocks(trace),
-        "texts": texts,
+        "texts": _texts(trace, tokenizer),
         "text_note": note,
+        "units": units,
+        "units_note": units_note,
         "fidelity": _fidelity(extras.get("fidelity")),
         "figures": [{"title": caption, "src": _png_uri(png)} for caption, png in extras.get("figures", {}).items()],
         "tables": ([{"title": "run facts", "value": facts_of_run}] if facts_of_run else [])
@@ -79,7 +88,7 @@ def build_report(
     replacements = {
         "__TITLE__": html.escape(title),
         "/*__STYLE__*/": package.joinpath("viewer.css").read_text(encoding="utf-8"),
-        "/*__SCRIPT__*/": package.joinpath("viewer.js").read_text(encoding="utf-8"),
+        "/*__SCRIPT__*/": "\n".join(package.joinpath(name).read_text(encoding="utf-8") for name in SCRIPTS),
         "__DATA__": _script_json(blob),
     }
     for marker, value in replacements.items():  # the data last: nothing in it is read as a marker
@@ -111,23 +120,31 @@ def report(
     return atomic_write(output, page.encode("utf-8"), what="the report")
 
 
-def _texts(trace: Trace, tokenizer: Any) -> tuple[dict[str, list[str]] | None, str | None]:
-    """Block texts for queries and keys, or None with the reason shown on the page."""
+def _tokenizer(trace: Trace, tokenizer: Any) -> tuple[Any, str | None]:
+    """The tokenizer to decode the text with ("auto": the trace's), or None with the reason shown on the page."""
     if tokenizer == AUTO:
         from ..models import load_tokenizer
 
         name = recorded_tokenizer(trace)
         try:
-            tokenizer = load_tokenizer(name)
+            return load_tokenizer(name), None
         except SparsetraceError as error:
-            return None, (f"no block text: the tokenizer of {name!r} is not available ({error}); "
-                          "token ranges shown instead")
+            note = f"no block text: the tokenizer of {name!r} is not available ({error}); token ranges shown instead"
+            warnings.warn(note, SparsetraceWarning, stacklevel=3)  # the page says it too; the CLI, on stderr
+            return None, note
     if tokenizer is None:
         return None, "no block text (no tokenizer given); token ranges shown instead"
+    return tokenizer, None
+
+
+def _texts(trace: Trace, tokenizer: Any) -> dict[str, list[str]] | None:
+    """Block texts for queries and keys (None without a tokenizer)."""
+    if tokenizer is None:
+        return None
     config = trace.config
     query = block_texts(trace, tokenizer, config.block_q)
     key = query if config.block_k == config.block_q else block_texts(trace, tokenizer, config.block_k)
-    return {"query": query, "key": key}, None
+    return {"query": query, "key": key}
 
 
 def _fidelity(value: Any) -> dict[str, Any] | None:

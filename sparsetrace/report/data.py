@@ -9,6 +9,10 @@ O(L x H x n_q x K):
 
 An 8k-token trace of the default model (30 layers x 9 heads x 128 query blocks x K = 10) is
 1.0 MB of arrays, 1.4 MB as base64.
+
+With the text known, the blob also carries the sentences and paragraphs of `analysis/segments.py`
+as token spans [start, end) (and their text, cut as the blocks'), so the page can show the map per
+unit; the page aggregates the block masses itself (viewer.units.js), nothing T x T is stored.
 """
 
 from __future__ import annotations
@@ -19,11 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from ..analysis.segments import split_units
+from ..analysis.spans import trace_text
+from ..errors import InputError
 from ..text import decoded_blocks, shorten
 from ..trace import Trace
 
 MASS_LEVELS = 255  # uint8 quantisation of the mass: value / 255
 TEXT_WIDTH = 240  # characters of each block's text kept for hover and click
+UNIT_KINDS = ("sentences", "paragraphs")  # the units the page can switch to besides blocks
 
 
 def encode_blocks(trace: Trace) -> dict[str, Any]:
@@ -63,6 +71,30 @@ def decode_blocks(encoded: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 def block_texts(trace: Trace, tokenizer, size: int, width: int = TEXT_WIDTH) -> list[str]:
     """Each block of `size` tokens decoded, cut to `width` characters (an ellipsis marks the cut)."""
     return [shorten(text, width, keep_whitespace=True) for text in decoded_blocks(trace.token_ids, tokenizer, size)]
+
+
+def text_units(trace: Trace, tokenizer, width: int = TEXT_WIDTH) -> tuple[dict[str, Any] | None, str | None]:
+    """Sentences and paragraphs of the trace's text as token spans, or None with the reason shown.
+
+    Returns ({"sentences": {"tokens": [[start, end), ...], "texts": [...]}, "paragraphs": ...}, None).
+    The units are `split_units(text, tokenizer, kind, region="all")` on the decoded text; that needs
+    the text to tokenize back to the trace's own tokens (as `sparsetrace salience --units`).
+    """
+    text = trace_text(trace, tokenizer)
+    mismatch = "no sentences or paragraphs: the decoded text does not tokenize back to the trace's tokens"
+    if not text.exact:
+        return None, mismatch
+    units = {}
+    for kind in UNIT_KINDS:
+        try:
+            split, ids = split_units(text.text, tokenizer, kind, region="all")
+        except InputError as error:
+            return None, f"no sentences or paragraphs: {error}"
+        if ids.tolist() != trace.token_ids.tolist():
+            return None, mismatch
+        units[kind] = {"tokens": [[unit.token_start, unit.token_end] for unit in split],
+                       "texts": [shorten(unit.text, width, keep_whitespace=True) for unit in split]}
+    return units, None
 
 
 def summary(trace: Trace) -> dict[str, Any]:

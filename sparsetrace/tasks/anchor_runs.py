@@ -51,6 +51,8 @@ from ..config import StreamConfig
 from ..errors import InputError, MemoryRequestError
 from ..files import atomic_write, save_figure, write_json
 from ..models import describe_model, forward_logits
+from ..notebook import facts_html, facts_repr
+from ..text import shorten
 from ..trace import Trace
 from ..tracer import available_memory, prepare_input, run_trace
 from .suppression import SUPPRESSION_FORWARDS, SuppressionResult, suppression_matrix
@@ -89,6 +91,27 @@ class AnchorText:
     @property
     def scores(self) -> np.ndarray:
         return np.array([np.nan if u.score is None else u.score for u in self.units])
+
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows: size, the answer check, pruning, the top unit."""
+        top = _top_units(self.units, 1)
+        return {"name": self.name, "tokens": self.trace.num_tokens, "units": len(self.units),
+                "answer_preserved": self.fidelity.get("answer_preserved"),
+                "token_pairs_pruned": f"{self.fidelity['sparsity']:.1%}" if "sparsity" in self.fidelity else None,
+                "top_unit": (top[0]["unit"], top[0]["score"]) if top else None}
+
+    def __repr__(self) -> str:
+        return facts_repr("AnchorText", self._facts())
+
+    def _repr_html_(self) -> str:
+        return facts_html("AnchorText", self._facts(), _top_units(self.units), rows_title="top units by score")
+
+
+def _top_units(units: list[Unit], n: int = 5) -> list[dict[str, Any]]:
+    """The n units of highest receiver-head score, highest first, as table rows."""
+    scored = sorted((u for u in units if u.score is not None), key=lambda u: -u.score)[:n]
+    return [{"rank": i + 1, "unit": u.index, "score": u.score, "category": u.category, "text": shorten(u.text, 90)}
+            for i, u in enumerate(scored)]
 
 
 @dataclass
@@ -129,6 +152,23 @@ class AnchorsResult:
                 **({"causal": t.causal} if t.suppression is not None else {}),
             } for t in self.texts],
         }
+
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows: the first text's, the receiver heads, the dense check."""
+        first = self.texts[0]._facts()
+        del first["name"]
+        facts = {"texts": len(self.texts), **first, "receiver_heads": self.receiver_heads[:5]}
+        if self.dense is not None:
+            facts["spearman_vs_dense"] = self.dense["texts"][0]["spearman_scores"]
+        return facts
+
+    def __repr__(self) -> str:
+        return facts_repr("AnchorsResult", self._facts())
+
+    def _repr_html_(self) -> str:
+        return facts_html("AnchorsResult", self._facts(), _top_units(self.units), rows_title="top units by score",
+                          note=f"the first text's units; receiver heads: (layer, head), the first 5 of "
+                               f"{len(self.receiver_heads)}, largest kurtosis first")
 
 
 def anchors(

@@ -43,6 +43,7 @@ from ..config import StreamConfig
 from ..errors import InputError
 from ..files import save_figure, write_json
 from ..models import describe_model, eos_token_ids, greedy_decode
+from ..notebook import facts_html, facts_repr
 from ..text import shorten, token_offsets
 from ..trace import Trace
 from ..tracer import prepare_input, run_trace
@@ -100,6 +101,22 @@ class Attribution:
                 "response_ids": self.response_ids, "method": self.method, "config": self.config,
                 "trace": {key: _finite(stats[key]) for key in ("tokens", "sparsity", "compression") if key in stats},
                 "seconds": round(self.seconds, 3), "sources": [s.to_dict() for s in self.sources]}
+
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows: the question, the response, the method, the top source."""
+        top = self.top(1)
+        return {"query": self.query, "response": shorten(self.response, 60, keep_whitespace=True),
+                "sources": len(self.sources), "prompt_tokens": len(self.prompt_ids), "method": self.method,
+                "top_source": (shorten(top[0].text, 60), top[0].score) if top else None,
+                "seconds": round(self.seconds, 2)}
+
+    def __repr__(self) -> str:
+        return facts_repr("Attribution", self._facts())
+
+    def _repr_html_(self) -> str:
+        rows = [{"rank": i + 1, "score": s.score, "tokens": s.tokens, "text": shorten(s.text, 90)}
+                for i, s in enumerate(self.top(5))]
+        return facts_html("Attribution", self._facts(), rows, rows_title=f"top sources ({self.method})")
 
 
 def attribution_prompt(tokenizer, context: str, query: str) -> tuple[str, int]:

@@ -17,17 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..choices import SIBLING_FIDELITY, SIBLING_FIGURES
 from ..config import StreamConfig
 from ..fidelity import FidelityReport, check
 from ..files import write_json
 from ..report import report
 from .needle_runs import NiahRun, run_niah, save_niah
 from .niah import NiahPrompt, niah_prompt
-
-# The files of a needle run (`sparsetrace niah`, `demo`) that a report next to them shows.
-SIBLING_FIGURES = {"route.png": "route of the needle to the answer through the layers",
-                   "needle_heads.png": "mass the answer block puts on the needle block, per head"}
-SIBLING_FIDELITY = "fidelity.json"
 
 
 @dataclass

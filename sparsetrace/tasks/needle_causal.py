@@ -48,6 +48,7 @@ from ..config import StreamConfig
 from ..errors import InputError
 from ..interventions import HEAD_MODES, Intervention
 from ..models import describe_model, eos_token_ids, greedy_decode
+from ..notebook import facts_html, facts_repr
 from ..tracer import prepare_input
 from .niah import ANSWER_TOKENS, DenseAnswer, NiahPrompt, dense_answer
 
@@ -173,6 +174,27 @@ class ReaderKnockout:
             "top_readers": [[layer, head, round(mass, 5)] for layer, head, mass in self.readers],
             "rows": [row.to_dict() for row in self.rows], "seconds": round(self.seconds, 1),
         }
+
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows: the answer, and per N the top heads against random heads."""
+        per_n = self.per_n()
+        return {"forward": self.forward, "head_mode": self.head_mode, "answer": self.answer,
+                "expected": self.expected, "n": [row["n"] for row in per_n],
+                "top_accuracy": [row["top_accuracy"] for row in per_n],
+                "random_accuracy": [row["random_accuracy_mean"] for row in per_n],
+                "top_drop": [row["top_drop"] for row in per_n],
+                "random_drop": [row["random_drop_mean"] for row in per_n]}
+
+    def __repr__(self) -> str:
+        return facts_repr("ReaderKnockout", self._facts())
+
+    def _repr_html_(self) -> str:
+        facts = {key: value for key, value in self._facts().items() if not isinstance(value, list)}
+        rows = [{"heads_knocked_out": row["n"], "top_accuracy": row["top_accuracy"], "top_drop": row["top_drop"],
+                 "random_accuracy": row["random_accuracy_mean"], "random_drop": row["random_drop_mean"],
+                 "seeds": row["random_seeds"]} for row in self.per_n()]
+        return facts_html("ReaderKnockout", facts, rows, rows_title="top-N reader heads vs N random heads (mean "
+                          "over seeds); accuracy: RULER string match; drop: answer log-prob drop (nats)")
 
 
 def reader_head_knockout(

@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..fidelity import MinKResult, search_min_k
 from ..files import save_figure, write_json
 from ..models import eos_token_ids
+from ..notebook import facts_html, facts_repr
 from ..text import decoded_blocks, shorten
 from ..trace import Trace
 from ..tracer import prepare_input, run_trace
@@ -107,6 +108,23 @@ class NiahRun:
             "route": self.route.to_dict(),
             "seconds": round(self.seconds, 1),
         }
+
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows: the needle, both answers and scores, the budget, the route."""
+        return {"tokens": self.prompt.num_tokens, "needle": f"{self.prompt.key} = {self.prompt.answer}".lstrip(" ="),
+                "depth": self.prompt.depth, "dense_answer": self.answer.text, "dense_score": self.dense_score,
+                "budget": self.budget, "answer_kept": self.answer_kept, "sparse_answer": self.sparse_answer.text,
+                "sparse_score": self.sparse_score,
+                "token_pairs_kept": f"{1 - self.trace.stats()['sparsity']:.1%}",
+                "route_connected": self.route.route.connected,
+                "top_readers": self.route._facts()["top_readers"], "seconds": round(self.seconds, 1)}
+
+    def __repr__(self) -> str:
+        return facts_repr("NiahRun", self._facts())
+
+    def _repr_html_(self) -> str:
+        return facts_html("NiahRun", self._facts(), note="scores: RULER's string_match_all; answer kept: with the "
+                          "answer teacher-forced; top readers: (layer, head, mass on the needle)")
 
 
 def run_niah(

@@ -58,6 +58,7 @@ from ..config import StreamConfig
 from ..errors import InputError
 from ..interventions import Intervention
 from ..models import describe_model, forward_sizes
+from ..notebook import facts_html, facts_repr
 from ..tracer import available_memory, prepare_input
 
 SUPPRESSION_FORWARDS = ("sparse", "dense")
@@ -111,6 +112,21 @@ class SuppressionResult:
                           "later token attending to unit i (all layers and heads); 0 for j <= i; score[i] = mean "
                           "of row i over j > i; log_effects: mean of log(KL + 1e-9) (Bogdan et al.'s aggregate)",
         }
+
+    def _facts(self) -> dict[str, Any]:
+        """The key numbers a notebook shows: sizes, the forward, the unit of largest causal score."""
+        scores = self.scores
+        top = int(np.nanargmax(scores)) if np.isfinite(scores).any() else None
+        return {"units": len(self.spans), "tokens": self.tokens, "forward": self.forward,
+                "top_unit": None if top is None else (top, float(scores[top])),
+                "seconds": round(self.seconds, 2)}
+
+    def __repr__(self) -> str:
+        return facts_repr("SuppressionResult", self._facts())
+
+    def _repr_html_(self) -> str:
+        return facts_html("SuppressionResult", self._facts(), note="top unit: (unit, mean KL its suppression "
+                          "causes in later units)")
 
 
 def suppression_matrix(

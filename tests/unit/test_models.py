@@ -206,6 +206,7 @@ def test_hub_errors_become_one_clear_line(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your internet connection.")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    monkeypatch.setattr(models, "_hub_unreachable", lambda endpoint: None)  # the hub's own error, not the probe's
     with pytest.raises(
         SparsetraceError, match=r"could not load 'org/name': We couldn't connect.*network"
     ) as info:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ from PIL import Image
 from tiny_models import tiny_model
 
 import sparsetrace as st
+from sparsetrace.analysis.segments import split_units
 from sparsetrace.cli import main
-from sparsetrace.report import build_report, report
+from sparsetrace.report import SCRIPTS, build_report, report
 from sparsetrace.report.data import MASS_LEVELS, decode_blocks, encode_blocks
 
 TEXT = "The keeper lit the lamp at dusk. </script><!-- The lamp burned until dawn. " * 6
@@ -92,6 +94,8 @@ def test_page_is_self_contained_and_carries_the_text(tiny_trace, tiny_tokenizer)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "nothing is fetched"
     assert "<script src" not in page and "<link" not in page
     assert page.count("</script>") == page.count("<script"), "block text cannot close a script element"
+    for name in SCRIPTS:  # every script of the viewer is inline
+        assert resources.files("sparsetrace.report").joinpath(name).read_text(encoding="utf-8") in page
     data = page_data(page)
     ids = tiny_trace.token_ids.tolist()
     for size, texts in ((16, data["texts"]["query"]), (12, data["texts"]["key"])):
@@ -99,6 +103,31 @@ def test_page_is_self_contained_and_carries_the_text(tiny_trace, tiny_tokenizer)
         assert texts[3] == tiny_tokenizer.decode(ids[3 * size : 4 * size])  # short blocks are not cut
     assert data["summary"]["stats"]["kept_blocks"] == tiny_trace.stats()["kept_blocks"]
     assert data["text_note"] is None
+
+
+def test_units_are_the_texts_sentences_and_paragraphs(tiny_tokenizer):
+    """The units switch's spans are `split_units` on the whole text, token spans the trace's own tokens."""
+    text = ("A lamp. The keeper lit the lamp at dusk; it burned until dawn.\n\nShips passed by.  Nobody saw "
+            "them go!\n \n" + "The sea was calm that night. " * 12)
+    trace = st.trace(tiny_model("llama"), tiny_tokenizer, text, st.StreamConfig(k=2, block_size=16))
+    data = page_data(build_report(trace, tiny_tokenizer))
+    assert data["units_note"] is None
+    for kind, count in (("sentences", 15), ("paragraphs", 3)):  # "A lamp." joins the next sentence
+        units, _ = split_units(text, tiny_tokenizer, kind, region="all")
+        assert len(units) == count
+        assert data["units"][kind]["tokens"] == [[u.token_start, u.token_end] for u in units]
+        texts = data["units"][kind]["texts"]
+        assert texts[0] == units[0].text and all(len(t) <= 240 for t in texts)
+    assert data["units"]["paragraphs"]["texts"][2].endswith("…"), "long units are cut as block text"
+
+
+def test_units_need_text_that_tokenizes_back(tiny_tokenizer):
+    trace = synthetic_trace(300)  # random bytes: not valid UTF-8, the decoded text does not give the same tokens
+    data = page_data(build_report(trace, tiny_tokenizer))
+    assert data["units"] is None and "does not tokenize back" in data["units_note"]
+    assert data["texts"] is not None, "block text is still shown"
+    data = page_data(build_report(trace, None))
+    assert data["units"] is None and "no tokenizer" in data["units_note"]
 
 
 def test_without_a_tokenizer_the_page_says_so(tiny_trace):

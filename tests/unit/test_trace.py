@@ -113,9 +113,19 @@ def read_raw(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata())
 
 
+def metadata_checksum(metadata) -> str:
+    """The header's checksum as the format defines it: every other entry, key and value, sorted by key."""
+    digest = hashlib.sha256()
+    for key in sorted(set(metadata) - {"metadata_sha256"}):
+        digest.update(key.encode() + b"\0" + metadata[key].encode() + b"\0")
+    return digest.hexdigest()
+
+
 def write_raw(path, tensors, metadata, fix_checksum: bool = True) -> None:
     if fix_checksum:
         metadata = metadata | {"sha256": checksum(tensors)}
+        if "metadata_sha256" in metadata:
+            metadata["metadata_sha256"] = metadata_checksum(metadata)
     tensors = {name: x.contiguous() for name, x in tensors.items()}
     safetensors.torch.save_file(tensors, path, metadata=metadata)
 
@@ -157,13 +167,14 @@ def test_header_keys(tmp_path):
     trace, _ = make_trace()
     tensors, metadata = read_raw(trace.save(tmp_path / "run.sptrace"))
     assert set(metadata) == {
-        "format", "format_version", "config", "model", "extra", "created_with", "created", "sha256"
+        "format", "format_version", "config", "model", "extra", "created_with", "created", "sha256", "metadata_sha256"
     }
     assert metadata["format"] == "sparsetrace" and metadata["format_version"] == "2"
     assert metadata["created_with"] == f"sparsetrace {VERSION}" and VERSION == importlib.metadata.version("sparsetrace")
     assert json.loads(metadata["config"]) == trace.config.to_dict()
     assert json.loads(metadata["model"]) == trace.model_info
     assert metadata["sha256"] == checksum(tensors)
+    assert metadata["metadata_sha256"] == metadata_checksum(metadata)
     assert tensors["token_ids"].dtype == torch.int32
     assert set(tensors) == {"token_ids", "next_token_logits", "layers.0.indices", "layers.0.mass",
                             "layers.1.indices", "layers.1.mass"}
