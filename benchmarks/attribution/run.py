@@ -237,9 +237,11 @@ def step_ours(row: dict, cfg: dict, prep: dict) -> dict:
     ours = [index.get((s.start, s.end)) for s in result.sources]
     num_tokens = np.array([s.tokens[1] - s.tokens[0] for s in result.sources])
     scores = {}
-    for method in METHODS:
+    learned = ["learned"] if getattr(result, "head_weights", None) is not None else []  # the package's weights
+    for method in [*METHODS, *learned]:
         full = np.zeros(len(prep["spans"]))  # a source no token starts in gets no attention
-        for j, value in zip(ours, aggregate_mass(result.mass, num_tokens, method), strict=True):
+        values = aggregate_mass(result.mass, num_tokens, method, *([result.head_weights] if learned else []))
+        for j, value in zip(ours, values, strict=True):
             if j is not None:
                 full[j] = value
         scores[method] = full.tolist()
@@ -452,7 +454,8 @@ def package_digest() -> str:
 
     root = Path(sparsetrace.__file__).parent
     files = ["attribution.py", "analysis/attribution.py", "tasks/attribution_runs.py", "tracer.py", "stream.py",
-             "backend.py", "block_attention.py", "config.py"]
+             "backend.py", "block_attention.py", "config.py", "analysis/head_weights.py",
+             "data/head_weights/SmolLM2-135M-Instruct.json"]
     return digest(*[(root / f).read_text() for f in files if (root / f).exists()])
 
 

@@ -18,6 +18,7 @@ template, the query and the response. With k covering every key block it is dens
 
 **Aggregations** (`METHODS`) turn mass [L, H, n] into one score per source; they are pure
 functions of the mass and the sources' token counts, so a benchmark can try each on one pass.
+"learned" is a weighted sum over heads with weights fit once per model (`head_weights`, AT2).
 """
 
 from __future__ import annotations
@@ -30,13 +31,11 @@ import torch
 from torch import Tensor
 
 from ..blocks import num_blocks
-from ..choices import ATTRIBUTION_METHODS, DEFAULT_METHOD, SOURCE_KINDS
+from ..choices import FALLBACK_METHOD, LEARNED, MASS_METHODS, SOURCE_KINDS
 from ..errors import InputError
 from ..text import anchored_token_spans, chars_of_tokens, token_anchors
 from .head_weights import HeadWeights
 from .segments import paragraph_spans, sentence_spans
-
-LEARNED = "learned"  # AT2's per-head weights (`head_weights`), not a pure function of the mass
 
 
 @dataclass
@@ -194,13 +193,13 @@ def focused_score(mass: np.ndarray, num_tokens: np.ndarray) -> np.ndarray:
     return (weight[..., None] * mass).sum(axis=(0, 1)) / weight.sum()
 
 
-# Keyed by the names in `choices` (the command line lists them without importing numpy); DEFAULT_METHOD's
-# reasons are there too.
+# Keyed by the names in `choices` (the command line lists them without importing numpy); the default
+# method's reasons are there too.
 METHODS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = dict(
-    zip(ATTRIBUTION_METHODS, (mean_score, mean_per_token_score, max_head_score, focused_score), strict=True))
+    zip(MASS_METHODS, (mean_score, mean_per_token_score, max_head_score, focused_score), strict=True))
 
 
-def aggregate(mass: np.ndarray, num_tokens: np.ndarray | list[int], method: str = DEFAULT_METHOD,
+def aggregate(mass: np.ndarray, num_tokens: np.ndarray | list[int], method: str = FALLBACK_METHOD,
               head_weights: HeadWeights | None = None) -> np.ndarray:
     """float64 [n]: one score per source from mass [L, H, n] by `method`: a key of `METHODS`, or
     "learned" (the weighted sum over heads of `head_weights`, `head_weights.HeadWeights`)."""

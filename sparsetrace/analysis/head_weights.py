@@ -13,8 +13,12 @@ summed over the source's tokens, mean over those positions). The weights are fit
 0.5) and the dense model's response logit-probability with the masked-out sources' text removed.
 The fit maximises the mean over examples of the Pearson correlation, across masks, between the
 predicted sum of the kept sources' scores and the actual value (AT2's `PearsonCorrelationLoss`,
-Adam), and L1-normalises the result (AT2's `LinearScoreEstimator(normalize=True)`). Pearson is
-invariant to the scale and offset of the prediction, so only the weights' direction matters.
+Adam), keeps the weights non-negative (AT2's `non_negative` option, a clamp after each step) and
+L1-normalises the result (AT2's `normalize=True`). Pearson is invariant to the scale and offset of
+the prediction, so only the weights' direction matters. Non-negative by default, by measurement
+(benchmarks/attribution/heads, 6-fold cross-validation on 36 examples): signed weights of 270
+heads fit to 36 examples swing on held-out text (mean LDS on natural text 0.73, one benchmark
+example at -0.07), non-negative ones hold (0.77; that example 0.82).
 
 Files are JSON: {"format": "sparsetrace-head-weights", "version": 1, "model", "num_layers",
 "num_heads", "weights" [L][H], "training"}. The package ships the default model's
@@ -69,6 +73,10 @@ class HeadWeights:
                              "fit weights for this model (sparsetrace attribute-fit)")
         return np.einsum("lh,lhn->n", self.weights, mass)
 
+    def describe(self) -> dict[str, Any]:
+        """What a result records about the weights it used: the model and the training facts."""
+        return {"model": self.model, **{k: self.training[k] for k in ("examples", "masks") if k in self.training}}
+
     def to_dict(self) -> dict[str, Any]:
         layers, heads = self.weights.shape
         return {"format": FORMAT, "version": VERSION, "model": self.model, "num_layers": layers, "num_heads": heads,
@@ -120,11 +128,22 @@ def pearson_loss(predictions, targets):
     return -correlation.mean()
 
 
+def mean_pearson(samples: list[AblationSample], weights: np.ndarray) -> float:
+    """The fit's objective: the mean over examples of the Pearson correlation, across masks, between the
+    predicted sum of the kept sources' scores and the actual value. weights [L, H]."""
+    import torch
+
+    values = [-float(pearson_loss(torch.tensor(s.features() @ np.ravel(weights))[None],
+                                  torch.tensor(np.asarray(s.outcomes, dtype=np.float64))[None])) for s in samples]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def fit_head_weights(samples: list[AblationSample], *, iterations: int = 1000, learning_rate: float = 1e-3,
-                     seed: int = 0) -> np.ndarray:
+                     non_negative: bool = True, seed: int = 0) -> np.ndarray:
     """float64 [L, H]: AT2's linear weights fit on `samples` (module docstring), L1-normalised.
 
-    Starts from uniform weights (the mean over heads), as AT2; full batch (every example each step).
+    Starts from uniform weights (the mean over heads), as AT2; full batch (every example each step);
+    `non_negative` clamps the weights at 0 after every step.
     """
     import torch
 
@@ -147,5 +166,8 @@ def fit_head_weights(samples: list[AblationSample], *, iterations: int = 1000, l
         loss = sum(pearson_loss((x @ weights)[None], y) for x, y in zip(features, targets, strict=True)) / len(usable)
         loss.backward()
         optimizer.step()
+        if non_negative:
+            with torch.no_grad():
+                weights.clamp_(min=0.0)
     result = weights.detach().numpy()
     return (result / max(np.abs(result).sum(), 1e-12)).reshape(layers, heads)

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..errors import InputError
+from .batch_options import add_batch_arguments
 from .common import add_run_arguments, input_options, load, output_folder, read_input, stream_config, subcommand
 
 EXAMPLES = """examples:
@@ -14,6 +15,7 @@ EXAMPLES = """examples:
   sparsetrace anchors --generate "What is 17 * 23? Think step by step." -o gen/ --max-new-tokens 800
   sparsetrace anchors cot.txt -o anchors/ --units paragraphs --labels cot_labels.json --k 4 --block-size 32
   sparsetrace anchors cot.txt -o anchors/ --causal --causal-forward dense  # + attention-suppression check
+  sparsetrace anchors cots/*.txt --each -o many/ [--ray --workers 2]   # one result per text, resumable
 """
 
 
@@ -30,6 +32,10 @@ def register(sub) -> None:
     parser.add_argument("--generate", metavar="PROBLEM", default=None,
                         help="let the model write its own chain of thought on PROBLEM first (chat template)")
     parser.add_argument("-o", "--output", required=True, help="folder for the outputs (created if missing)")
+    parser.add_argument("--each", action="store_true",
+                        help="each INPUT on its own: its own receiver heads and one DIR/texts/NAME.json (NAME: the "
+                        "file's name and a hash of its text), resumable, on Ray with --ray; without it the receiver "
+                        "heads are chosen once over all texts (their kurtosis averaged)")
     units = parser.add_argument_group("thought anchors")
     units.add_argument("--units", default="sentences", choices=["sentences", "paragraphs", "blocks"],
                        help="unit of analysis (default sentences, split as the thought-anchors work)")
@@ -69,10 +75,16 @@ def register(sub) -> None:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="(default 1.0 = none)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_batch_arguments(parser)
     add_run_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
+    from .batches import refuse_batch_flags, run_anchors_each
+
+    if args.each:
+        return run_anchors_each(args)
+    refuse_batch_flags(args, "--each")
     from ..tasks.anchor_runs import anchors, save_anchors
 
     sources = len(args.inputs) + bool(args.sample) + (args.generate is not None)

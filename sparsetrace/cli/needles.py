@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
 
 from ..errors import InputError
+from .batch_options import add_batch_arguments, batch_executor
 from .common import add_run_arguments, load, output_folder, progress, read_text_file, stream_config, subcommand
 
 NIAH_EXAMPLES = """examples:
@@ -22,6 +24,8 @@ SWEEP_EXAMPLES = """examples:
   sparsetrace sweep --lengths 1024 2048 --depths 0.1 0.5 0.9 -o sweep/
   sparsetrace sweep -o sweep/          # 1k-8k x 5 depths; run it again to resume
   sparsetrace sweep --prompts niah_single_1/validation.jsonl -o ruler/   # every prompt of a RULER jsonl
+  sparsetrace sweep --ray --workers 2 -o sweep/                     # on a local Ray: 2 workers, a model each
+  sparsetrace sweep --ray-address auto --num-cpus 4 -o sweep/       # on the Ray cluster this node is part of
 """
 
 
@@ -63,7 +67,8 @@ def register(sub) -> None:
         description="For every length x depth (or every prompt of --prompts FILE.jsonl): the dense answer's "
         "correctness, the smallest k that keeps it, the sparse model's own answer there and both answers' RULER "
         "scores, the kept fraction and compression, and whether a route joins needle and answer; heatmaps of each. "
-        "Resumable: finished cells (DIR/cells/) are kept and skipped.",
+        "Resumable: finished cells (DIR/cells/) are kept and skipped; DIR/run.json counts done / failed / "
+        "remaining cells and holds each failure's error. Cells run in this process, or on Ray workers (--ray).",
     )
     sweep.add_argument("--lengths", type=int, nargs="+", default=None, help="prompt lengths, RULER's generation "
                        "budget included (default 1024 2048 4096 8192)")
@@ -71,6 +76,7 @@ def register(sub) -> None:
                        "0.9)")
     sweep.add_argument("-o", "--output", required=True, help="folder for sweep.json, sweep.png and cells/")
     _add_needle_arguments(sweep)
+    add_batch_arguments(sweep)
     add_run_arguments(sweep, with_k=False, input_options=False)
 
 
@@ -171,8 +177,14 @@ def run_sweep(args: argparse.Namespace) -> None:
                                                         args.depths or [0.1, 0.3, 0.5, 0.7, 0.9])
     if any(not 0 <= d <= 1 for d in depths or []):
         raise InputError(f"depths {depths} must lie in [0, 1]; 0 puts the needle first, 1 last")
+    executor = batch_executor(args)
     folder = output_folder(args.output)
-    model, tokenizer = load(args)
+    if executor is None:
+        model, tokenizer = load(args)
+    else:  # the workers load the model; here only the tokenizer RULER's prompts need
+        from ..models import load_tokenizer
+
+        model, tokenizer = None, load_tokenizer(args.model) if args.prompts else None
     prompts = None
     if args.prompts:
         from ..tasks.niah import ruler_prompts
@@ -192,8 +204,10 @@ def run_sweep(args: argparse.Namespace) -> None:
                   f"{cell['sparse_answer']!r} (score {cell['sparse_score']:g}), route "
                   f"{'connected' if cell['connected'] else 'not connected'}  ({cell['seconds']:.0f} s)", flush=True)
 
-    cells = sweep(model, tokenizer, lengths, depths, folder, config, k_max=args.k_max, prompts=prompts, **build,
-                  allow_long=args.allow_long, progress=progress(args), kernel=args.kernel, on_cell=report, **threshold)
+    with executor or contextlib.nullcontext():
+        cells = sweep(model, tokenizer, lengths, depths, folder, config, k_max=args.k_max, prompts=prompts, **build,
+                      allow_long=args.allow_long, progress=progress(args), kernel=args.kernel, on_cell=report,
+                      executor=executor, retry_failed=args.retry_failed, **threshold)
     if args.json:
         print(json.dumps(cells, indent=2))
     else:

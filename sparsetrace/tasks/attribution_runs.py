@@ -12,8 +12,10 @@ of turn). As in ContextCite its token ids are those after the prompt's in the to
 prompt + response text, and a generated response keeps the special tokens the model wrote (its
 end-of-turn token). prompt + response[:-1] is traced once on sparse attention while
 `analysis.attribution.SourceMass` sums, for the positions that predict the response's tokens,
-the attention on each source per layer and head: `Attribution.mass` [L, H, n]. A method of
-`analysis.attribution.METHODS` turns it into one score per source.
+the attention on each source per layer and head: `Attribution.mass` [L, H, n]. A method turns it
+into one score per source: by default the model's learned per-head weights (AT2,
+`analysis.head_weights`; the package ships the default model's), else a method of
+`analysis.attribution.METHODS` (max_head where no weights exist).
 
 >>> result = st.attribute(model, tokenizer, context, "Who wrote it?")      # doctest: +SKIP
 >>> result.top(3)                                                          # doctest: +SKIP
@@ -30,15 +32,14 @@ import numpy as np
 import torch
 
 from ..analysis.attribution import (
-    DEFAULT_METHOD,
-    METHODS,
-    SOURCE_KINDS,
     Source,
     SourceMass,
     aggregate,
     context_sources,
     source_of_tokens,
 )
+from ..analysis.head_weights import HeadWeights, bundled_head_weights, load_head_weights
+from ..choices import ATTRIBUTION_METHODS, AUTO, DEFAULT_METHOD, FALLBACK_METHOD, LEARNED, SOURCE_KINDS
 from ..config import StreamConfig
 from ..errors import InputError
 from ..files import save_figure, write_json
@@ -72,6 +73,7 @@ class Attribution:
     seconds: float
     query: str | None = None
     trace: Trace | None = field(default=None, repr=False)
+    head_weights: HeadWeights | None = field(default=None, repr=False)
 
     @property
     def scores(self) -> np.ndarray:
@@ -84,8 +86,9 @@ class Attribution:
         return np.array([s.num_tokens for s in self.sources], dtype=np.int64)
 
     def scores_by(self, method: str) -> np.ndarray:
-        """float64 [n]: the scores another method of `METHODS` gives on the same mass."""
-        return aggregate(self.mass, self.num_tokens, method)
+        """float64 [n]: the scores another method of `METHODS` (or "learned", with this result's
+        weights) gives on the same mass."""
+        return aggregate(self.mass, self.num_tokens, method, self.head_weights)
 
     def top(self, k: int = 5) -> list[Source]:
         """The k sources of highest score, highest first (ties in text order)."""
@@ -152,6 +155,7 @@ def attribute(
     context_span: tuple[int, int] | None = None,
     sources: str = "sentences",
     method: str = DEFAULT_METHOD,
+    head_weights: HeadWeights | str | Path | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     allow_long: bool = False,
     progress: bool | None = None,
@@ -168,7 +172,10 @@ def attribute(
             (chat template included, tokenized with add_special_tokens=False) and the context's
             char range [start, end) in it.
         sources: "sentences", "paragraphs" or "blocks" (`analysis.attribution`).
-        method: the aggregation of `mass` into scores, a key of `analysis.attribution.METHODS`.
+        method: the aggregation of `mass` into scores: "auto" ("learned" where head weights exist for
+            the model, else "max_head"), "learned", or a key of `analysis.attribution.METHODS`.
+        head_weights: per-head weights for "learned" (a `HeadWeights` or its file, from
+            `fit_attribution_heads` / `sparsetrace attribute-fit`); default the package's for the model.
         max_new_tokens: the greedy response's token limit.
         allow_long, progress, kernel: as `tracer.trace` ("flex" runs eager: the reducer needs the
             probabilities).
@@ -177,8 +184,15 @@ def attribute(
     """
     started = time.perf_counter()
     config = config or StreamConfig()
-    if method not in METHODS:
-        raise InputError(f"method={method!r}; use one of {', '.join(METHODS)}")
+    if method not in ATTRIBUTION_METHODS:
+        raise InputError(f"method={method!r}; use one of {', '.join(ATTRIBUTION_METHODS)}")
+    info = describe_model(model)
+    head_weights = _head_weights(head_weights, info)
+    if method == AUTO:
+        method = LEARNED if head_weights is not None else FALLBACK_METHOD
+    elif method == LEARNED and head_weights is None:
+        raise InputError(f"no learned head weights for {info['name']!r}; fit them with `sparsetrace attribute-fit` "
+                         "and pass the file (head_weights= / --head-weights), or use --method max_head")
     if sources not in SOURCE_KINDS:
         raise InputError(f"sources={sources!r}; use one of {', '.join(SOURCE_KINDS)}")
     if max_new_tokens < 1:
@@ -204,7 +218,6 @@ def attribute(
     ids = prepare_input(model, tokenizer, None, prompt_ids, config, allow_long=True,
                         continuation=len(response_ids) - 1)  # the memory check
     ids = torch.cat([ids, torch.tensor(response_ids[:-1], dtype=torch.long)])
-    info = describe_model(model)
     reducer = SourceMass(source_of_tokens(split, len(ids)), len(split), len(prompt_ids) - 1, info["num_layers"],
                          info["num_heads"], config.block_q, config.block_k)
     traced, _ = run_trace(model, tokenizer, ids, config, progress=progress, on_probabilities=reducer, kernel=kernel)
@@ -214,13 +227,27 @@ def attribute(
         prompt_ids=prompt_ids, response_ids=response_ids, sources=split, mass=mass, method=method,
         config={"stream": config.to_dict(), "sources": sources, "model": info.get("name"),
                 "prompt_template": PROMPT_TEMPLATE if query is not None else None, "generated": generated,
-                "max_new_tokens": max_new_tokens if generated else None},
-        seconds=0.0, query=query, trace=traced,
+                "max_new_tokens": max_new_tokens if generated else None,
+                "head_weights": head_weights.describe() if method == LEARNED else None},
+        seconds=0.0, query=query, trace=traced, head_weights=head_weights,
     )
-    for source, score in zip(split, aggregate(mass, result.num_tokens, method), strict=True):
+    for source, score in zip(split, result.scores_by(method), strict=True):
         source.score = float(score)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _head_weights(given: HeadWeights | str | Path | None, info: dict) -> HeadWeights | None:
+    """The weights to use: those given (loaded if a path; checked against the model's shape), else the
+    package's for this model, else None."""
+    if given is None:
+        return bundled_head_weights(info.get("name"), info["num_layers"], info["num_heads"])
+    weights = given if isinstance(given, HeadWeights) else load_head_weights(given)
+    if weights.weights.shape != (info["num_layers"], info["num_heads"]):
+        raise InputError(f"the head weights ({weights.model!r}) are [{weights.weights.shape[0]} layers, "
+                         f"{weights.weights.shape[1]} heads] but the model has [{info['num_layers']}, "
+                         f"{info['num_heads']}]; fit weights for this model with `sparsetrace attribute-fit`")
+    return weights
 
 
 def _prompt_and_span(tokenizer, context, query, prompt, context_span) -> tuple[str, tuple[int, int], str | None]:

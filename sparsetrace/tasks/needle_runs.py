@@ -273,71 +273,89 @@ def sweep(
     progress: bool | None = None,
     kernel: str = "auto",
     on_cell=None,
+    executor=None,
+    retry_failed: bool = False,
 ) -> list[dict[str, Any]]:
     """Every length x depth cell (`niah_prompt` with `seed`, `haystack`, `chat_template`, `form`), or every
     prompt of `prompts` (e.g. `ruler_prompts`; then lengths and depths are None): both answers and their
     RULER scores, min k, kept fraction, compression, route.
 
+    Each cell is a unit of `batch.run_units` (`needle_cell`), run in this process on `model` or on the
+    workers of `executor` (a started `batch.RayExecutor`; then `model` and `tokenizer` may be None).
     Resumable: each finished cell is written to folder/cells/ atomically and skipped next time (as is
     every cell of an existing sweep.json; prompts are matched by their position in the list), and
-    sweep.json and sweep.png are rewritten after every cell, so an interrupted sweep leaves what it
-    finished. The heatmaps of prompts place each at its token count and needle depth."""
+    sweep.json, sweep.png and run.json (done / failed / remaining) are rewritten after every cell, so an
+    interrupted sweep leaves what it finished. A cell that fails is reported in run.json and, after the
+    others, raised (`batch.UnitsFailedError`); `retry_failed` runs it again. The heatmaps of prompts place
+    each at its token count and needle depth."""
     import json
+    from functools import partial
 
+    from ..batch import InProcess, Unit, run_units
     from ..plots import sweep_figure
 
     grid = lengths is not None and depths is not None
     if grid == (prompts is not None) or (not grid and (lengths, depths) != (None, None)):
         raise InputError("give lengths and depths (a grid of niah_prompt prompts), or prompts alone")
-    cells_dir = Path(folder) / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     config = config or StreamConfig()
     if prompts is None:
-        jobs = [((length, depth), cells_dir / f"{length}_{depth}.json", None) for length in lengths for depth in depths]
+        units = [Unit(f"{length}_{depth}", {"length": length, "depth": depth})
+                 for length in lengths for depth in depths]
     else:
-        jobs = [(("row", row), cells_dir / f"row_{row}.json", prompt) for row, prompt in enumerate(prompts)]
+        units = [Unit(f"row_{row}", {"row": row, "prompt": prompt}) for row, prompt in enumerate(prompts)]
 
-    def key(cell: dict) -> tuple:
-        return ("row", cell["row"]) if "row" in cell else (cell["length"], cell["depth"])
+    def name(cell: dict) -> str:
+        return f"row_{cell['row']}" if "row" in cell else f"{cell['length']}_{cell['depth']}"
 
-    done = {job: json.loads(path.read_text()) for job, path, _ in jobs if path.exists()}
-    summary = Path(folder) / "sweep.json"
-    if summary.exists():  # cells/ is a local cache; a committed sweep.json alone also resumes
-        for cell in json.loads(summary.read_text()).get("cells", []):
-            done.setdefault(key(cell), cell)
+    summary = folder / "sweep.json"  # cells/ is a local cache; a committed sweep.json alone also resumes
+    known = {name(cell): cell for cell in json.loads(summary.read_text()).get("cells", [])} if summary.exists() else {}
+    cells: dict[str, dict] = {}  # name -> cell, every cell done so far
 
     def write_summary() -> list[dict[str, Any]]:
-        cells = [done[job] for job, _, _ in jobs if job in done]
-        write_json(Path(folder) / "sweep.json", {"config": config.to_dict(), "seed": seed, "threshold": threshold,
-                                                 "cells": cells})
+        ordered = [cells[u.name] for u in units if u.name in cells]
+        write_json(summary, {"config": config.to_dict(), "seed": seed, "threshold": threshold, "cells": ordered})
         rows, columns = (lengths, depths) if prompts is None else \
-            (sorted({c["length"] for c in cells}), sorted({c["depth"] for c in cells}))
+            (sorted({c["length"] for c in ordered}), sorted({c["depth"] for c in ordered}))
         panels = SWEEP_PANELS if config.coverage is None else COVERAGE_PANELS
-        save_figure(sweep_figure(cells, rows, columns, panels), Path(folder) / "sweep.png")
-        return cells
+        save_figure(sweep_figure(ordered, rows, columns, panels), folder / "sweep.png")
+        return ordered
 
-    for job, path, prompt in jobs:
-        if job in done:
-            continue
-        write_summary()  # what is finished so far, before the long work of a new cell
-        if prompt is None:
-            prompt = niah_prompt(tokenizer, *job, seed=seed, haystack=haystack, chat_template=chat_template,
-                                 form=form)
-        run = run_niah(model, tokenizer, prompt, config, k="auto", k_max=k_max, threshold=threshold,
-                       allow_long=allow_long, progress=progress, kernel=kernel)
-        summary = run.summary()
-        where = {"length": job[0], "depth": job[1]} if prompts is None else \
-            {"row": job[1], "length": prompt.num_tokens, "depth": round(prompt.depth, 2)}
-        cell = where | {
-            "tokens": prompt.num_tokens, "correct": run.answer.correct, "dense_answer": run.answer.text,
-            "expected": prompt.answer, "dense_score": run.dense_score, "sparse_answer": run.sparse_answer.text,
-            "sparse_score": run.sparse_score, "min_k": summary["min_k"], "kept_fraction": summary["kept_fraction"],
-            "kept_per_row_mean": summary["kept_per_row_mean"],
-            "compression": summary["compression"], "connected": run.route.route.connected,
-            "answer_kept": run.answer_kept, "needle_blocks": run.route.needle_blocks, "seconds": summary["seconds"]}
-        write_json(path, cell)
-        done[job] = cell
+    def finished(unit, cell: dict, done: dict[str, dict]) -> None:
+        cells.update(done)
         write_summary()
         if on_cell is not None:
             on_cell(cell)
-    return write_summary()
+
+    task = partial(needle_cell, config=config, seed=seed, k_max=k_max, haystack=haystack, chat_template=chat_template,
+                   form=form, threshold=threshold, allow_long=allow_long, progress=progress, kernel=kernel)
+    first = run_units(units, task, folder / "cells", executor or InProcess(model, tokenizer), known=known,
+                      retry_failed=retry_failed, progress=progress, on_result=finished)
+    cells = dict(first.results)
+    ordered = write_summary()
+    first.check()
+    return ordered
+
+
+def needle_cell(model, tokenizer, inputs: dict[str, Any], *, config: StreamConfig, seed: int = 0,
+                k_max: int | None = None, haystack: str | None = None, chat_template: bool | None = None,
+                form: str = "ruler", threshold: float = DEFAULT_THRESHOLD, allow_long: bool = False,
+                progress: bool | None = None, kernel: str = "auto") -> dict[str, Any]:
+    """One sweep cell, a `batch` task: `inputs` {"length", "depth"} (a `niah_prompt`) or {"row", "prompt"}; the
+    cell's row of sweep.json."""
+    prompt = inputs["prompt"] if "prompt" in inputs else niah_prompt(
+        tokenizer, inputs["length"], inputs["depth"], seed=seed, haystack=haystack, chat_template=chat_template,
+        form=form)
+    run = run_niah(model, tokenizer, prompt, config, k="auto", k_max=k_max, threshold=threshold,
+                   allow_long=allow_long, progress=progress, kernel=kernel)
+    summary = run.summary()
+    where = {"length": inputs["length"], "depth": inputs["depth"]} if "prompt" not in inputs else \
+        {"row": inputs["row"], "length": prompt.num_tokens, "depth": round(prompt.depth, 2)}
+    return where | {
+        "tokens": prompt.num_tokens, "correct": run.answer.correct, "dense_answer": run.answer.text,
+        "expected": prompt.answer, "dense_score": run.dense_score, "sparse_answer": run.sparse_answer.text,
+        "sparse_score": run.sparse_score, "min_k": summary["min_k"], "kept_fraction": summary["kept_fraction"],
+        "kept_per_row_mean": summary["kept_per_row_mean"],
+        "compression": summary["compression"], "connected": run.route.route.connected,
+        "answer_kept": run.answer_kept, "needle_blocks": run.route.needle_blocks, "seconds": summary["seconds"]}

@@ -1,4 +1,7 @@
-"""Shared fixtures for the unit tests: a tiny fast tokenizer that needs no download, a tiny model folder."""
+"""Shared fixtures for the unit tests: a tiny fast tokenizer that needs no download (also with a chat template),
+a tiny model folder (also with the chat tokenizer)."""
+
+import copy
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -32,4 +35,28 @@ def model_folder(tmp_path_factory, tiny_tokenizer) -> str:
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+# A tiny chat template: one user turn, then the generation prompt.
+CHAT_TEMPLATE = ("{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tiny_tokenizer) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer with `CHAT_TEMPLATE` (attribution builds ContextCite's chat prompt)."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def chat_model_folder(tmp_path_factory, chat_tokenizer) -> str:
+    """A tiny random-weight Llama saved with the chat tokenizer."""
+    from tiny_models import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-chat-llama")
+    tiny_model("llama").save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
     return str(folder)

@@ -1,6 +1,5 @@
 """Context attribution (`st.attribute`, `sparsetrace attribute`) on tiny models: prompt, sources, mass, CLI."""
 
-import copy
 import json
 import re
 
@@ -25,9 +24,6 @@ from sparsetrace.report import build_report
 from sparsetrace.tasks import attribution_runs
 from sparsetrace.tracer import run_trace
 
-# A tiny chat template: one user turn, then the generation prompt.
-TEMPLATE = ("{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 CONTEXT = ("The cat sat on the mat today. A dog ran in the park quickly! Birds sing every morning here.\n\n"
            "The lighthouse was built in 1851 by the engineer. Its lamp burned oil for decades.")
 QUERY = "When was the lighthouse built?"
@@ -35,23 +31,8 @@ RESPONSE = "It was built in 1851."
 
 
 @pytest.fixture(scope="module")
-def chat_tokenizer(tiny_tokenizer):
-    tokenizer = copy.deepcopy(tiny_tokenizer)
-    tokenizer.chat_template = TEMPLATE
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
 def model():
     return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def chat_model_folder(tmp_path_factory, chat_tokenizer, model):
-    folder = tmp_path_factory.mktemp("tiny-chat-llama")
-    model.save_pretrained(folder)
-    chat_tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def test_prompt_is_contextcites(chat_tokenizer):

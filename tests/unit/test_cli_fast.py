@@ -130,11 +130,12 @@ def test_string_fields_of_the_estimator_offer_their_choices():
 def test_light_names_match_the_modules_that_use_them():
     """`choices` repeats no code, but DTYPES names models.DTYPES' keys, which need torch."""
     from sparsetrace.analysis.attribution import METHODS
-    from sparsetrace.choices import ATTRIBUTION_METHODS, DEFAULT_METHOD, DTYPES
+    from sparsetrace.choices import ATTRIBUTION_METHODS, DEFAULT_METHOD, DTYPES, FALLBACK_METHOD, MASS_METHODS
     from sparsetrace.models import DTYPES as MODEL_DTYPES
 
     assert DTYPES == tuple(MODEL_DTYPES)
-    assert tuple(METHODS) == ATTRIBUTION_METHODS and DEFAULT_METHOD in METHODS
+    assert tuple(METHODS) == MASS_METHODS and FALLBACK_METHOD in METHODS
+    assert set(MASS_METHODS) < set(ATTRIBUTION_METHODS) and DEFAULT_METHOD in ATTRIBUTION_METHODS
 
 
 def test_the_package_loads_its_names_on_first_use():
