@@ -8,7 +8,7 @@ Training examples (~1k-token prompts, none from the benchmark's data.jsonl):
   uses 0): other keys, values and asked needles;
 - 30 natural: windows of the three fictional essays in `train_texts/` (not the Hallin Skerry essays
   the benchmark asks about), one per question for the first 10 questions of each essay in
-  `train_texts/questions.json`, grown paragraph by paragraph around the answer's paragraph (a seeded
+  `train_texts/questions.jsonl`, grown paragraph by paragraph around the answer's paragraph (a seeded
   random side first) while the prompt fits 1,024 - 32 tokens.
 (36 examples: about 35 s each on 2 quiet cores; the other 12 questions are left for a larger fit.)
 
@@ -64,7 +64,8 @@ def natural_rows(tokenizer) -> list[dict]:
 
     rng = random.Random(99)
     rows, seen = [], {}
-    for i, q in enumerate(json.loads((TEXTS / "questions.json").read_text())):
+    questions = [json.loads(line) for line in (TEXTS / "questions.jsonl").read_text().splitlines() if line.strip()]
+    for i, q in enumerate(questions):
         seen[q["text"]] = seen.get(q["text"], 0) + 1
         if seen[q["text"]] > 10:
             continue

@@ -30,11 +30,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory, tiny_tokenizer) -> str:
     """A tiny random-weight Llama saved with the tiny tokenizer: what `--model FOLDER` loads."""
+    return saved_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+def saved_tiny_llama(folder, tokenizer) -> str:
+    """Save a tiny random-weight Llama and `tokenizer` into `folder`; its path."""
     from tiny_models import tiny_model
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return str(folder)
 
 
@@ -54,9 +58,4 @@ def chat_tokenizer(tiny_tokenizer) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def chat_model_folder(tmp_path_factory, chat_tokenizer) -> str:
     """A tiny random-weight Llama saved with the chat tokenizer."""
-    from tiny_models import tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny-chat-llama")
-    tiny_model("llama").save_pretrained(folder)
-    chat_tokenizer.save_pretrained(folder)
-    return str(folder)
+    return saved_tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"), chat_tokenizer)
