@@ -162,37 +162,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args()
     import sparsetrace as st
-    from sparsetrace.analysis.head_weights import AblationSample, HeadWeights, fit_head_weights, mean_pearson
+    from sparsetrace.analysis.head_weights import AblationSample
     from sparsetrace.files import write_json
-    from sparsetrace.models import describe_model
+    from sparsetrace.tasks.attribution_fit import fit_attribution_heads
 
     model, tokenizer = st.load_model()
     rows = haystack_rows(tokenizer) + natural_rows(tokenizer)
     examples = collect(model, tokenizer, rows)
     samples = [AblationSample(e["mass"], e["masks"], e["outcomes"]) for e in examples]
     cv = cross_validate(examples)
-    weights = fit_head_weights(samples)
-    uniform = np.full(weights.shape, 1.0 / weights.size)
-    info = describe_model(model)
-    training = {"examples": len(samples), "masks": MASKS,
-                "method": "AT2 linear weights, non-negative, Pearson loss, Adam",
-                "iterations": 1000, "seed": 0, "stream": st.StreamConfig().to_dict(),
-                "pearson_start": round(mean_pearson(samples, uniform), 4),
-                "pearson_fit": round(mean_pearson(samples, weights), 4),
-                "data": "benchmarks/attribution/fit_heads.py: 6 haystacks + 30 windows of train_texts/, ~1k tokens"}
-    shipped = HeadWeights(weights, str(info["name"]), training)
-    target = ROOT / "sparsetrace" / "data" / "head_weights" / f"{info['name']}.json"
+    shipped, _ = fit_attribution_heads(model, tokenizer, rows, masks=MASKS, samples=samples, progress=False)
+    shipped.training["data"] = ("benchmarks/attribution/fit_heads.py: 6 haystacks + 30 windows of train_texts/, "
+                                "~1k tokens")
+    target = ROOT / "sparsetrace" / "data" / "head_weights" / f"{shipped.model}.json"
     target.parent.mkdir(exist_ok=True)
     shipped.save(target)
     summary = {kind: {m: round(float(np.mean([r["lds"][m] for r in cv if r["kind"] == kind])), 4)
                       for m in METHODS} for kind in ("haystack", "natural")}
     write_json(OUT / "fit.json", {
         "command": ".venv/bin/python benchmarks/attribution/fit_heads.py", "weights": str(target.relative_to(ROOT)),
-        "training": training, "cross_validation": {"folds": FOLDS, "mean_lds": summary, "examples": cv},
+        "training": shipped.training, "cross_validation": {"folds": FOLDS, "mean_lds": summary, "examples": cv},
         "examples": [{"id": e["id"], "kind": e["kind"], "query": e["query"], "response": str(e["response"]),
                       "sources": int(e["mass"].shape[-1]), "seconds": round(float(e["seconds"]), 1),
                       "outcome_spread": round(float(np.ptp(e["outcomes"])), 3)} for e in examples]})
-    figure(weights, cv, OUT / "heads.png")
+    figure(shipped.weights, cv, OUT / "heads.png")
     print(json.dumps(summary, indent=1))
 
 

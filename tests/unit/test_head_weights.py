@@ -169,7 +169,7 @@ def test_cli_fits_weights_that_attribute_then_uses(capsys, tmp_path, chat_model_
     printed = json.loads(stdout)
     assert printed["method"] == "learned"
     mass_scores = [s["score"] for s in printed["sources"]]
-    result = st.attribute(*_loaded(chat_model_folder), CONTEXT, QUERY, st.StreamConfig(block_size=16),
+    result = st.attribute(*st.load_model(chat_model_folder), CONTEXT, QUERY, st.StreamConfig(block_size=16),
                           response=RESPONSE, head_weights=fitted, progress=False)
     np.testing.assert_allclose(mass_scores, result.scores, rtol=1e-5, atol=1e-8)
 
@@ -189,10 +189,6 @@ def test_cli_fit_refuses_bad_examples_before_loading(capsys, tmp_path, monkeypat
     code, _, err = run(capsys, "attribute", str(examples), "--query", "q", "-o", str(tmp_path / "a"),
                        "--head-weights", str(tmp_path / "missing.json"))
     assert code == 2 and "no head-weights file" in err
-
-
-def _loaded(folder):
-    return st.load_model(folder)
 
 
 @pytest.fixture(scope="module")
